@@ -1,0 +1,23 @@
+// Batched MCQ log-prob gathering: shared declarations of the CPU and CUDA paths.
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+
+// Per-row statistics of `logits` rows listed in `rows` (int64 [U], unique):
+// log-sum-exp (float32 [U]) and first argmax (int64 [U]), one pass over V.
+// A row holding NaN or +inf, or only -inf, gets lse = NaN (the caller reports it).
+std::tuple<at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& logits, const at::Tensor& rows);
+
+// Full op on CPU: loglik float32 [N], is_greedy bool [N].
+std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
+                                                       const at::Tensor& row_index,
+                                                       const at::Tensor& target,
+                                                       const at::Tensor& request_offsets);
+
+#ifdef WMDP_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits,
+                                                        const at::Tensor& row_index,
+                                                        const at::Tensor& target,
+                                                        const at::Tensor& request_offsets);
+#endif

@@ -1,0 +1,1 @@
+"""Triton kernels of wmdp_fast (installed as wmdp_fast.kernels)."""

@@ -1,0 +1,1 @@
+"""The embedded offline demo: an invented knowledge world and a tiny model that knows it."""

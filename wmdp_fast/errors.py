@@ -1,0 +1,34 @@
+"""The error hierarchy of wmdp_fast.
+
+Every error a user can cause derives from `WmdpFastError`; the CLIs turn it into one clear
+line and a non-zero exit (traceback only with --debug). Messages say what was wrong, where
+(file, row, argument) and, where possible, what to do.
+"""
+
+
+class WmdpFastError(Exception):
+    """Base class of all wmdp_fast errors."""
+
+
+class DataError(WmdpFastError, ValueError):
+    """A dataset or corpus is missing, malformed or empty (names file, row and field)."""
+
+
+class ConfigError(WmdpFastError, ValueError):
+    """An option or combination of options is invalid (names the option)."""
+
+
+class ModelError(WmdpFastError):
+    """A model cannot be loaded or does not have the expected structure (layers, params)."""
+
+
+class CacheError(WmdpFastError):
+    """An activation cache file is stale, corrupted or unreadable."""
+
+
+class TrainingError(WmdpFastError):
+    """Training diverged (NaN/inf loss) or could not continue."""
+
+
+class ResourceError(WmdpFastError):
+    """Not enough (GPU) memory for the requested run; names the flag that would make it fit."""

@@ -1,0 +1,102 @@
+"""Small local models and the real Mistral tokenizer, for tests, benchmarks and the demo.
+
+Nothing here touches the network: the tokenizer is the Mistral-7B / Zephyr-7B SentencePiece
+model (32,000 tokens) shipped inside the `mistral_common` wheel, and the models are random-weight
+copies of real architectures at toy sizes, saved with `save_pretrained` so that the real loading
+code (`wmdp_fast.models.load_model`) is what reads them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def mistral_tokenizer_file() -> Path:
+    """Path of the Mistral v1 SentencePiece model inside the mistral_common wheel."""
+    try:
+        import mistral_common
+    except ImportError as exc:  # pragma: no cover - dev dependency
+        raise ImportError("the real Mistral tokenizer needs `pip install mistral_common`") from exc
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():  # pragma: no cover
+        raise FileNotFoundError(f"{path} missing from the mistral_common wheel")
+    return path
+
+
+def save_mistral_tokenizer(out_dir: str | Path):
+    """Write the Mistral/Zephyr HF tokenizer (BOS on, as Zephyr's config has it; pad = eos) to
+    `out_dir` and return it.
+
+    Under transformers 5 a LlamaTokenizer built from the .model file only adds BOS when
+    `add_bos_token=True` is passed explicitly, and `save_pretrained` keeps that setting.
+    """
+    from transformers import LlamaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "tokenizer.model"
+    shutil.copyfile(mistral_tokenizer_file(), src)
+    tok = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True)
+    tok.save_pretrained(str(out))
+    return tok
+
+
+ARCHS = ("mistral", "llama", "qwen2")
+
+
+def tiny_config(arch: str = "mistral", vocab_size: int = 32000, **overrides):
+    """A toy config of a real architecture (hidden 64, 4 layers by default)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    if arch == "mistral":
+        base.setdefault("sliding_window", 4096)
+        return MistralConfig(**base)
+    if arch == "llama":
+        return LlamaConfig(**base)
+    if arch == "qwen2":
+        return Qwen2Config(**base)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    arch: str = "mistral",
+    seed: int = 0,
+    init_std: float = 0.5,
+    with_tokenizer: bool = True,
+    **config_overrides,
+) -> Path:
+    """Save a random-weight toy model (float32) of `arch` (and the Mistral tokenizer) to out_dir.
+
+    `init_std` is larger than the usual 0.02 so that the logits vary enough for multiple-choice
+    predictions to differ between questions (a 0.02 init gives near-uniform next-token
+    distributions and ties everywhere).
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(arch, **config_overrides)
+    cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    if with_tokenizer:
+        save_mistral_tokenizer(out)
+    return out

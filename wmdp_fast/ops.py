@@ -7,10 +7,13 @@ Triton kernels (RMU losses, cache packing) when available, else the plain-PyTorc
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from wmdp_fast import reference
 from wmdp_fast._ext import load_C
+from wmdp_fast.errors import ConfigError, DataError, TrainingError
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -175,3 +178,324 @@ def choice_logprobs(logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.Ten
     offsets = torch.arange(N * K + 1, device=logits.device)
     loglik, _ = gather_logprobs(logits, row_index, ids.reshape(-1).contiguous(), offsets)
     return loglik.view(N, K)
+
+
+# --- RMU activation-MSE loss and the activation-cache format (issue 3) -----------------------
+
+PackedActivations = reference.PackedActivations
+PACK_FORMATS = ("bf16", "int8")
+
+
+def _kernel_module(name: str, backend: str):
+    """The Triton kernel module `name` (kernels/<name>.py), compiled for the GPU or, for the
+    'triton-interpret' backend, a separate copy whose kernels run under TRITON_INTERPRET=1."""
+    from wmdp_fast import kernels
+
+    return kernels.load(name, interpret=backend == "triton-interpret")
+
+
+def _check_number(op: str, name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{op}: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{op}: {name} must be finite, got {v}")
+    return v
+
+
+def _check_hidden(op: str, name: str, hidden) -> None:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ConfigError(
+            f"{op}: {name} must be a tensor [..., D] (e.g. [B, T, D]), got "
+            f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(
+            f"{op}: {name} dtype must be float32, bfloat16 or float16, got {hidden.dtype}"
+        )
+    if hidden.numel() == 0:
+        raise ConfigError(f"{op}: {name} is empty (shape {tuple(hidden.shape)})")
+
+
+def _check_target(op: str, name: str, target, hname: str, hidden: torch.Tensor) -> None:
+    if isinstance(target, PackedActivations):
+        if target.fmt not in PACK_FORMATS:
+            raise ConfigError(f"{op}: {name} has unknown packed format {target.fmt!r}")
+        shape, device, dtype = target.shape, target.device, target.data.dtype
+        want = torch.int8 if target.fmt == "int8" else torch.bfloat16
+        if dtype != want or (target.fmt == "int8") != (target.scale is not None):
+            raise ConfigError(
+                f"{op}: {name} is a malformed PackedActivations (fmt {target.fmt!r}, data "
+                f"{dtype}); build it with pack_activations()"
+            )
+        if target.scale is not None and tuple(target.scale.shape) != tuple(shape[:-1]):
+            raise ConfigError(
+                f"{op}: {name}.scale has shape {tuple(target.scale.shape)}, expected "
+                f"{tuple(shape[:-1])}"
+            )
+    elif isinstance(target, torch.Tensor):
+        shape, device = target.shape, target.device
+        if target.dtype not in _FLOAT_DTYPES:
+            raise ConfigError(
+                f"{op}: {name} dtype must be float32, bfloat16 or float16, got {target.dtype}"
+            )
+        if target.requires_grad:
+            raise ConfigError(
+                f"{op}: {name} requires grad, but the target is a constant (control vector or "
+                f"frozen model's activations); pass {name}.detach()"
+            )
+    else:
+        raise ConfigError(
+            f"{op}: {name} must be a tensor or PackedActivations, got {type(target).__name__}"
+        )
+    if device != hidden.device:
+        raise ConfigError(f"{op}: {name} is on {device} but {hname} is on {hidden.device}")
+    D = hidden.shape[-1]
+    broadcast = len(shape) >= 1 and shape[-1] == D and all(s == 1 for s in shape[:-1])
+    if not (broadcast or tuple(shape) == tuple(hidden.shape)):
+        raise ConfigError(
+            f"{op}: {name} has shape {tuple(shape)}; with {hname} {tuple(hidden.shape)} it must "
+            f"be [{D}], [1, 1, {D}] (broadcast over positions) or {tuple(hidden.shape)}"
+        )
+
+
+def _check_mask(op: str, name: str, mask, hname: str, hidden: torch.Tensor) -> int | None:
+    """Validates the mask; returns the number of positions that count (None without a mask)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"{op}: {name} must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(hidden.shape[:-1]):
+        raise ConfigError(
+            f"{op}: {name} has shape {tuple(mask.shape)}, expected {tuple(hidden.shape[:-1])} "
+            f"({hname}'s shape without D, like an attention mask)"
+        )
+    if mask.device != hidden.device:
+        raise ConfigError(f"{op}: {name} is on {mask.device} but {hname} is on {hidden.device}")
+    if mask.is_complex():
+        raise ConfigError(f"{op}: {name} must be bool or 0/1, got {mask.dtype}")
+    if mask.dtype == torch.bool:
+        count = int(mask.sum())
+    else:
+        count, n_bad = torch.stack([(mask != 0).sum(), ((mask != 0) & (mask != 1)).sum()]).tolist()
+        if n_bad:
+            raise ConfigError(
+                f"{op}: {name} must hold only 0 and 1 (or be bool); {n_bad} entries are neither"
+            )
+    if count == 0:
+        raise DataError(
+            f"{op}: {name} has no true entry, so no position counts and the mean is undefined; "
+            "skip this batch or check that its documents are not empty"
+        )
+    return count
+
+
+def _check_finite(op: str, name: str, t) -> None:
+    if isinstance(t, PackedActivations):
+        bad = t.scale is not None and not bool(torch.isfinite(t.scale).all())
+        bad = bad or (t.fmt == "bf16" and not bool(torch.isfinite(t.data).all()))
+    else:
+        bad = not bool(torch.isfinite(t).all())
+    if bad:
+        raise TrainingError(
+            f"{op}: {name} contains NaN or inf (the training has diverged or the cache is "
+            "corrupted); lower the learning rate or rebuild the cache"
+        )
+
+
+def rmu_mse(
+    hidden: torch.Tensor,
+    target: torch.Tensor | PackedActivations,
+    mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+    *,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """`scale * mean((hidden - target) ** 2)`, forward and backward in one pass.
+
+    Args:
+        hidden: [..., D] (typically [B, T, D]) float32/bfloat16/float16, a decoder layer's output.
+            Any strides.
+        target: [D] or [1, 1, D] (broadcast over all positions, e.g. RMU's control vector), or
+            hidden's shape (e.g. the frozen model's outputs); float32/bfloat16/float16, or a
+            PackedActivations (dequantised inside the kernel). Must not require grad.
+        mask: optional hidden.shape[:-1] (e.g. [B, T]), bool or 0/1, true where a position
+            counts (like an attention mask): only those positions count in the sum and in the
+            count. Without it every position counts (the published RMU, padding included).
+        scale: multiplies the mean (RMU's alpha for the retain term).
+        check_finite: raise TrainingError when hidden or target holds NaN/inf (costs a pass).
+
+    Returns: a float32 scalar tensor, differentiable w.r.t. hidden. Accumulation is float32 and
+    the reduction is deterministic (fixed order, no atomics). On CUDA the forward also writes
+    the gradient (in hidden's dtype), so the backward costs nothing unless grad_output != 1.
+    """
+    op = "rmu_mse"
+    _check_hidden(op, "hidden", hidden)
+    _check_target(op, "target", target, "hidden", hidden)
+    count = _check_mask(op, "mask", mask, "hidden", hidden)
+    scale = _check_number(op, "scale", scale)
+    if check_finite:
+        _check_finite(op, "hidden", hidden)
+        _check_finite(op, "target", target)
+    backend = _triton_backend(hidden.device)
+    if backend == "reference":
+        return reference.rmu_mse(hidden, target, mask, scale)
+    return _kernel_module("rmu_mse", backend).rmu_mse(hidden, target, mask, scale, count)
+
+
+def rmu_loss(
+    h_forget: torch.Tensor,
+    control_vec: torch.Tensor | PackedActivations,
+    h_retain: torch.Tensor,
+    retain_target: torch.Tensor | PackedActivations,
+    alpha: float,
+    forget_mask: torch.Tensor | None = None,
+    retain_mask: torch.Tensor | None = None,
+    *,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both RMU loss terms: `mse(h_forget, control_vec) + alpha * mse(h_retain, retain_target)`.
+
+    Args:
+        h_forget: [B, Tf, D] (or [..., D]) the updated model's layer output on the forget batch.
+        control_vec: [1, 1, D] or [D] (broadcast), or h_forget's shape; RMU's `c * u`.
+        h_retain: [B', Tr, D] the updated model's layer output on the retain batch.
+        retain_target: h_retain's shape (the frozen model's output), a tensor or a
+            PackedActivations from `pack_activations`.
+        alpha: the retain weight.
+        forget_mask, retain_mask: optional [B, Tf] / [B', Tr] bool or 0/1 (see `rmu_mse`).
+        check_finite: raise TrainingError naming the argument that holds NaN/inf.
+
+    Returns: (total, forget_term, retain_term), float32 scalars; `total` is differentiable
+    w.r.t. both hidden tensors, the two terms are detached (for logging). retain_term already
+    includes alpha. On CUDA both terms run in one kernel launch (plus a tiny reduction).
+    """
+    op = "rmu_loss"
+    _check_hidden(op, "h_forget", h_forget)
+    _check_hidden(op, "h_retain", h_retain)
+    _check_target(op, "control_vec", control_vec, "h_forget", h_forget)
+    _check_target(op, "retain_target", retain_target, "h_retain", h_retain)
+    if h_retain.device != h_forget.device:
+        raise ConfigError(
+            f"{op}: h_retain is on {h_retain.device} but h_forget is on {h_forget.device}"
+        )
+    count_f = _check_mask(op, "forget_mask", forget_mask, "h_forget", h_forget)
+    count_r = _check_mask(op, "retain_mask", retain_mask, "h_retain", h_retain)
+    alpha = _check_number(op, "alpha", alpha)
+    if check_finite:
+        for name, t in (
+            ("h_forget", h_forget),
+            ("control_vec", control_vec),
+            ("h_retain", h_retain),
+            ("retain_target", retain_target),
+        ):
+            _check_finite(op, name, t)
+    backend = _triton_backend(h_forget.device)
+    if backend == "reference":
+        return reference.rmu_loss(
+            h_forget, control_vec, h_retain, retain_target, alpha, forget_mask, retain_mask
+        )
+    return _kernel_module("rmu_mse", backend).rmu_loss(
+        h_forget,
+        control_vec,
+        h_retain,
+        retain_target,
+        alpha,
+        forget_mask,
+        retain_mask,
+        count_f,
+        count_r,
+    )
+
+
+def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivations:
+    """Pack layer outputs for the activation cache.
+
+    Args:
+        hidden: [..., D] float32/bfloat16/float16 (detached; any strides).
+        fmt: "bf16" stores bfloat16 as is (a float32/float16 input is rounded to bfloat16);
+            "int8" stores per-position symmetric absmax int8 plus a float32 scale per position
+            (about half the bytes of bf16).
+
+    Returns: PackedActivations. int8 error bound, per element:
+        |x - unpack(pack(x))| <= absmax(x's position) / 254 * (1 + 1e-4)
+    (half a quantisation step; the 1e-4 covers float32 rounding), when unpacked to float32.
+    Raises DataError if an int8-packed position holds NaN/inf.
+    """
+    op = "pack_activations"
+    _check_hidden(op, "hidden", hidden)
+    if fmt not in PACK_FORMATS:
+        raise ConfigError(f"{op}: fmt must be one of {PACK_FORMATS}, got {fmt!r}")
+    if fmt == "bf16":
+        return reference.pack_activations(hidden, fmt)
+    backend = _triton_backend(hidden.device)
+    if backend == "reference":
+        packed = reference.pack_activations(hidden, fmt)
+    else:
+        packed = _kernel_module("pack", backend).pack_int8(hidden)
+    if not bool(torch.isfinite(packed.scale).all()):
+        pos = tuple((~torch.isfinite(packed.scale)).nonzero()[0].tolist())
+        raise DataError(
+            f"{op}: hidden holds NaN or inf at position {pos}; int8 packing needs finite "
+            "activations (check the model's dtype, or use fmt='bf16')"
+        )
+    return packed
+
+
+def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The values of a PackedActivations as a tensor [..., D] of `dtype` (default: the dtype
+    the activations had when packed). int8 is dequantised as `q * scale` in float32."""
+    if not isinstance(packed, PackedActivations):
+        raise ConfigError(
+            f"unpack_activations: expected a PackedActivations, got {type(packed).__name__}"
+        )
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ConfigError(
+            f"unpack_activations: dtype must be float32, bfloat16 or float16, got {dtype}"
+        )
+    return reference.unpack_activations(packed, dtype)
+
+
+class RMULoss(torch.nn.Module):
+    """The RMU loss of the published recipe, one control vector and one alpha per topic:
+    `loss = mse(h_forget, control_vecs[k]) + alphas[k] * mse(h_retain, retain_target)`.
+
+    Args:
+        control_vecs: K tensors [1, 1, D] or [D] (or one tensor [K, 1, 1, D] / [K, D]); kept
+            as a buffer, so `.to(device)` moves them.
+        alphas: K retain weights (or one float for every topic).
+    """
+
+    def __init__(self, control_vecs, alphas) -> None:
+        super().__init__()
+        if isinstance(control_vecs, torch.Tensor) and control_vecs.dim() in (2, 4):
+            control_vecs = list(control_vecs)
+        vecs = [torch.as_tensor(c).detach().reshape(-1) for c in control_vecs]
+        if not vecs or len({v.numel() for v in vecs}) != 1:
+            raise ConfigError("RMULoss: control_vecs must be K >= 1 vectors of the same size D")
+        K = len(vecs)
+        if isinstance(alphas, (int, float)):
+            alphas = [alphas] * K
+        alphas = [_check_number("RMULoss", "alphas", a) for a in alphas]
+        if len(alphas) != K:
+            raise ConfigError(f"RMULoss: got {K} control vectors but {len(alphas)} alphas")
+        self.register_buffer("control_vecs", torch.stack(vecs)[:, None, None, :])
+        self.alphas = alphas
+
+    def forward(
+        self,
+        h_forget: torch.Tensor,
+        h_retain: torch.Tensor,
+        retain_target: torch.Tensor | PackedActivations,
+        topic: int = 0,
+        forget_mask: torch.Tensor | None = None,
+        retain_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, forget_term, retain_term) for topic `topic` (see `rmu_loss`)."""
+        if not 0 <= topic < len(self.alphas):
+            raise ConfigError(f"RMULoss: topic {topic} out of range [0, {len(self.alphas)})")
+        cv = self.control_vecs[topic].to(h_forget.device)
+        return rmu_loss(
+            h_forget, cv, h_retain, retain_target, self.alphas[topic], forget_mask, retain_mask
+        )

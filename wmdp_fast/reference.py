@@ -6,6 +6,8 @@ the obvious way (full-size float32 temporaries allowed), so that it is easy to c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -44,3 +46,142 @@ def choice_logprobs(logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.Ten
     n = logits.shape[0]
     ids = choice_ids.expand(n, -1) if choice_ids.dim() == 1 else choice_ids
     return torch.log_softmax(logits.float(), dim=-1).gather(1, ids)
+
+
+# --- RMU activation-MSE loss and the activation-cache format (issue 3) -----------------------
+
+INT8_QMAX = 127.0
+
+
+@dataclass(frozen=True)
+class PackedActivations:
+    """A stored block of layer outputs (the activation-cache format).
+
+    fmt "bf16": `data` is the bfloat16 tensor [..., D] itself and `scale` is None.
+    fmt "int8": `data` is int8 [..., D] and `scale` is float32 [...] (one per position); the value
+    is `data * scale` with `scale = absmax(position) / 127` (symmetric, per position).
+    `dtype` is the dtype the activations had when packed; `unpack_activations` returns it.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    fmt: str
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        return n
+
+    def dim(self) -> int:
+        return self.data.dim()
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> PackedActivations:
+        """A copy on `device` (the same object if it is already there)."""
+        if torch.device(device) == self.data.device:
+            return self
+        scale = None if self.scale is None else self.scale.to(device, non_blocking=non_blocking)
+        return PackedActivations(
+            self.data.to(device, non_blocking=non_blocking), scale, self.fmt, self.dtype
+        )
+
+    def pin_memory(self) -> PackedActivations:
+        scale = None if self.scale is None else self.scale.pin_memory()
+        return PackedActivations(self.data.pin_memory(), scale, self.fmt, self.dtype)
+
+    def __getitem__(self, index) -> PackedActivations:
+        """Select along the leading (position) dimensions, never along D: `packed[2:4]`."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > self.data.dim() - 1 or any(i is Ellipsis for i in index):
+            raise IndexError(
+                "PackedActivations can only be indexed along its leading dimensions, not along D"
+            )
+        scale = None if self.scale is None else self.scale[index]
+        return PackedActivations(self.data[index], scale, self.fmt, self.dtype)
+
+
+def int8_quantize(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position symmetric absmax int8: (q int8 [..., D], scale float32 [...]).
+
+    scale = absmax / 127 (float32), q = floor(x / scale + 0.5) clamped to [-127, 127] (0 where
+    the position is all zeros). The Triton kernel computes exactly the same bits.
+    """
+    x = hidden.detach().float()
+    scale = x.abs().amax(dim=-1) / INT8_QMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.floor(x / safe[..., None] + 0.5).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivations:
+    """Reference of `ops.pack_activations`: [..., D] float tensor -> PackedActivations."""
+    if fmt == "bf16":
+        data = hidden.detach().to(torch.bfloat16).contiguous()
+        return PackedActivations(data, None, "bf16", hidden.dtype)
+    q, scale = int8_quantize(hidden)
+    return PackedActivations(q, scale, "int8", hidden.dtype)
+
+
+def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference of `ops.unpack_activations`: the stored values as a tensor of `dtype`
+    (default: the dtype the activations had when packed). int8 dequantises in float32
+    (`q * scale`) and then casts."""
+    dtype = packed.dtype if dtype is None else dtype
+    if packed.fmt == "bf16":
+        return packed.data.to(dtype)
+    return (packed.data.float() * packed.scale[..., None]).to(dtype)
+
+
+def _float_target(target: torch.Tensor | PackedActivations) -> torch.Tensor:
+    if isinstance(target, PackedActivations):
+        return unpack_activations(target, torch.float32)
+    return target.float()
+
+
+def rmu_mse(
+    hidden: torch.Tensor,
+    target: torch.Tensor | PackedActivations,
+    mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Reference of `ops.rmu_mse`: scale * mean((hidden - target)^2) in float32.
+
+    hidden [..., D]; target [D], [1, ..., 1, D] (broadcast) or hidden's shape, or a
+    PackedActivations; mask hidden.shape[:-1] (bool or 0/1): only true positions count, in the
+    sum and in the count. Masked-out positions never touch the result or the gradient (even if
+    they hold NaN). Returns a float32 scalar, differentiable w.r.t. hidden.
+    """
+    diff = hidden.float() - _float_target(target)
+    if mask is None:
+        return (diff * diff).mean() * scale
+    keep = (mask != 0)[..., None]
+    diff = torch.where(keep, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    count = keep.sum() * hidden.shape[-1]
+    return (diff * diff).sum() / count * scale
+
+
+def rmu_loss(
+    h_forget: torch.Tensor,
+    control_vec: torch.Tensor | PackedActivations,
+    h_retain: torch.Tensor,
+    retain_target: torch.Tensor | PackedActivations,
+    alpha: float,
+    forget_mask: torch.Tensor | None = None,
+    retain_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of `ops.rmu_loss`: (forget + alpha * retain, forget, alpha * retain), the last
+    two detached."""
+    forget = rmu_mse(h_forget, control_vec, forget_mask)
+    retain = rmu_mse(h_retain, retain_target, retain_mask, scale=alpha)
+    return forget + retain, forget.detach(), retain.detach()

@@ -36,8 +36,11 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("wmdp_fast: torch is not importable at build time; skipping the C++ extension "
-              "(install torch first and use --no-build-isolation)", file=sys.stderr)
+        print(
+            "wmdp_fast: torch is not importable at build time; skipping the C++ extension "
+            "(install torch first and use --no-build-isolation)",
+            file=sys.stderr,
+        )
         return [], {}
 
     cpu_sources = ["csrc/bindings.cpp", "csrc/gather_logprobs_cpu.cpp"]
@@ -67,8 +70,11 @@ def _extensions():
             except Exception as exc:  # noqa: BLE001 - any compiler failure
                 if os.environ.get("WMDP_FAST_CUDA") == "1":
                     raise
-                print(f"wmdp_fast: WARNING: could not build {extension.name} ({exc}); "
-                      "the plain-PyTorch fallback will be used", file=sys.stderr)
+                print(
+                    f"wmdp_fast: WARNING: could not build {extension.name} ({exc}); "
+                    "the plain-PyTorch fallback will be used",
+                    file=sys.stderr,
+                )
 
     return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=True)}
 

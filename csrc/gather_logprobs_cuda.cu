@@ -4,13 +4,16 @@
 // the row, keeping an online (max, sum exp) pair and the first argmax; the block merges them
 // with warp shuffles. Bytes moved: the row once. Kernel 2 (finish): one thread per request
 // sums its pairs in order (deterministic, no atomics).
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 
 #include "gather_logprobs.h"
 
@@ -21,11 +24,11 @@ constexpr int THREADS = 512;
 struct Stat {
   float m;     // running max
   float s;     // sum of exp(x - m)
-  long long a; // first index of the max
+  int64_t a; // first index of the max
   int bad;     // NaN or +inf seen
 };
 
-__device__ __forceinline__ void push(Stat& st, float x, long long idx) {
+__device__ __forceinline__ void push(Stat& st, float x, int64_t idx) {
   if (!(x - x == 0.0f) && x != -INFINITY) {
     st.bad = 1;
     return;
@@ -70,26 +73,26 @@ template <>
 __device__ __forceinline__ float tofloat<__half>(__half x) { return __half2float(x); }
 
 template <typename T>
-__global__ void row_stats_kernel(const T* __restrict__ logits, long long row_stride, long long V,
-                                 const long long* __restrict__ rows, float* __restrict__ lse,
-                                 long long* __restrict__ amax) {
-  const long long row = rows[blockIdx.x];
+__global__ void row_stats_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t V,
+                                 const int64_t* __restrict__ rows, float* __restrict__ lse,
+                                 int64_t* __restrict__ amax) {
+  const int64_t row = rows[blockIdx.x];
   const T* src = logits + row * row_stride;
   Stat st{-INFINITY, 0.0f, -1, 0};
   constexpr int NV = Vec16<T>::N;
   // Vector loads need a 16-byte aligned start: handle a misaligned head element-wise.
-  const long long mis = (reinterpret_cast<uintptr_t>(src) % 16) / sizeof(T);
-  const long long head = mis == 0 ? 0 : min(V, (long long)(NV - mis));
-  for (long long i = threadIdx.x; i < head; i += blockDim.x) push(st, tofloat<T>(src[i]), i);
-  const long long nvec = (V - head) / NV;
+  const int64_t mis = (reinterpret_cast<uintptr_t>(src) % 16) / sizeof(T);
+  const int64_t head = mis == 0 ? 0 : min(V, (int64_t)(NV - mis));
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) push(st, tofloat<T>(src[i]), i);
+  const int64_t nvec = (V - head) / NV;
   const uint4* vsrc = reinterpret_cast<const uint4*>(src + head);
-  for (long long v = threadIdx.x; v < nvec; v += blockDim.x) {
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
     uint4 raw = __ldg(vsrc + v);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int k = 0; k < NV; ++k) push(st, tofloat<T>(e[k]), head + v * NV + k);
   }
-  for (long long i = head + nvec * NV + threadIdx.x; i < V; i += blockDim.x)
+  for (int64_t i = head + nvec * NV + threadIdx.x; i < V; i += blockDim.x)
     push(st, tofloat<T>(src[i]), i);
 
   // Warp reduction, then across warps through shared memory.
@@ -128,19 +131,19 @@ __global__ void row_stats_kernel(const T* __restrict__ logits, long long row_str
 }
 
 template <typename T>
-__global__ void finish_kernel(const T* __restrict__ logits, long long row_stride,
-                              const long long* __restrict__ row_index,
-                              const long long* __restrict__ inverse,
-                              const long long* __restrict__ target,
-                              const long long* __restrict__ offsets, const float* __restrict__ lse,
-                              const long long* __restrict__ amax, long long N,
+__global__ void finish_kernel(const T* __restrict__ logits, int64_t row_stride,
+                              const int64_t* __restrict__ row_index,
+                              const int64_t* __restrict__ inverse,
+                              const int64_t* __restrict__ target,
+                              const int64_t* __restrict__ offsets, const float* __restrict__ lse,
+                              const int64_t* __restrict__ amax, int64_t N,
                               float* __restrict__ loglik, bool* __restrict__ greedy) {
-  const long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (n >= N) return;
   float acc = 0.0f;
   bool g = true;
-  for (long long i = offsets[n]; i < offsets[n + 1]; ++i) {
-    const long long u = inverse[i];
+  for (int64_t i = offsets[n]; i < offsets[n + 1]; ++i) {
+    const int64_t u = inverse[i];
     acc += tofloat<T>(logits[row_index[i] * row_stride + target[i]]) - lse[u];
     g = g && (amax[u] == target[i]);
   }
@@ -152,16 +155,16 @@ template <typename T>
 void launch(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& row_index,
             const at::Tensor& inverse, const at::Tensor& target, const at::Tensor& offsets,
             at::Tensor& lse, at::Tensor& amax, at::Tensor& loglik, at::Tensor& greedy) {
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const T* lp = reinterpret_cast<const T*>(logits.const_data_ptr());
-  const long long U = rows.numel();
+  const int64_t U = rows.numel();
   if (U > 0) {
     row_stats_kernel<T><<<U, THREADS, 0, stream>>>(
         lp, logits.stride(0), logits.size(1), rows.const_data_ptr<int64_t>(),
         lse.data_ptr<float>(), amax.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const long long N = offsets.numel() - 1;
+  const int64_t N = offsets.numel() - 1;
   if (N > 0) {
     finish_kernel<T><<<(N + 255) / 256, 256, 0, stream>>>(
         lp, logits.stride(0), row_index.const_data_ptr<int64_t>(),
@@ -179,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits
                                                         const at::Tensor& target,
                                                         const at::Tensor& request_offsets) {
   TORCH_CHECK(logits.is_cuda(), "gather_logprobs_cuda: logits must be a CUDA tensor");
-  const at::cuda::CUDAGuard guard(logits.device());
+  const c10::cuda::CUDAGuard guard(logits.device());
   auto ri = row_index.contiguous();
   auto tg = target.contiguous();
   auto off = request_offsets.contiguous();

@@ -47,7 +47,5 @@ def build_info() -> dict:
         "C_cuda_compiled": bool(C is not None and C.with_cuda()),
         "C_error": _ext.load_error(),
         "triton": triton_mode,
-        "backends": {
-            dev: {op: ops.backend_of(op, dev) for op in op_names} for dev in devices
-        },
+        "backends": {dev: {op: ops.backend_of(op, dev) for op in op_names} for dev in devices},
     }

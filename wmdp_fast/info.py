@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in info["versions"].items():
         print(f"  {k:<13} {v}")
     print(f"  cuda          {info['cuda_device'] or 'not available'}")
-    print(f"  _C (CPU)      {'compiled' if info['C_cpu_compiled'] else 'MISSING: ' + str(info['C_error'])}")
+    print(
+        f"  _C (CPU)      {'compiled' if info['C_cpu_compiled'] else 'MISSING: ' + str(info['C_error'])}"
+    )
     print(f"  _C (CUDA)     {'compiled' if info['C_cuda_compiled'] else 'not compiled'}")
     print(f"  triton        {info['triton']}")
     for dev, ops in info["backends"].items():

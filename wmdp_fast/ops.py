@@ -38,7 +38,11 @@ def _check_gather_args(
             "gather_logprobs: logits must have a contiguous last dimension (stride(1) == 1); "
             "rows may be strided"
         )
-    for name, t in (("row_index", row_index), ("target", target), ("request_offsets", request_offsets)):
+    for name, t in (
+        ("row_index", row_index),
+        ("target", target),
+        ("request_offsets", request_offsets),
+    ):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
             raise ValueError(f"gather_logprobs: {name} must be a 1-D int64 tensor")
         if t.device != logits.device:
@@ -68,10 +72,14 @@ def _check_gather_args(
     if M:
         lo, hi = int(row_index.min()), int(row_index.max())
         if lo < 0 or hi >= R:
-            raise ValueError(f"gather_logprobs: row_index out of range [0, {R}): min {lo}, max {hi}")
+            raise ValueError(
+                f"gather_logprobs: row_index out of range [0, {R}): min {lo}, max {hi}"
+            )
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= V:
-            raise ValueError(f"gather_logprobs: target id out of range [0, {V}): min {lo}, max {hi}")
+            raise ValueError(
+                f"gather_logprobs: target id out of range [0, {V}): min {lo}, max {hi}"
+            )
 
 
 def backend_of(op: str, device: str | torch.device = "cpu") -> str:

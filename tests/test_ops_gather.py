@@ -1,0 +1,294 @@
+"""gather_logprobs / choice_logprobs: the C++ (and CUDA) op against the plain-PyTorch reference."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from wmdp_fast import _ext, build_info, ops, reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _truth(logits, row_index, target, offsets):
+    """float64 ground truth (independent of both float32 implementations)."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    out = []
+    greedy = []
+    am = logits.float().argmax(dim=-1)
+    for n in range(offsets.numel() - 1):
+        a, b = int(offsets[n]), int(offsets[n + 1])
+        out.append(sum(float(lp[row_index[i], target[i]]) for i in range(a, b)))
+        greedy.append(all(int(am[row_index[i]]) == int(target[i]) for i in range(a, b)))
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(greedy)
+
+
+def _random_requests(R, V, N, max_len=3, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (N,), generator=g)
+    offsets = torch.zeros(N + 1, dtype=torch.long)
+    offsets[1:] = lens.cumsum(0)
+    M = int(offsets[-1])
+    row_index = torch.randint(0, R, (M,), generator=g)  # rows shared between requests
+    target = torch.randint(0, V, (M,), generator=g)
+    return row_index.to(device), target.to(device), offsets.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [32000, 32001, 50257, 151936])
+def test_matches_reference(V, dtype, device):
+    R = 24 if V > 100000 else 48
+    torch.manual_seed(V)
+    logits = (torch.randn(R, V) * 4).to(dtype).to(device)
+    # make some targets greedy so is_greedy is exercised both ways
+    row_index, target, offsets = _random_requests(R, V, 40, device=device)
+    am = logits.float().argmax(-1)
+    target[::3] = am[row_index[::3]]
+    ll, g = ops.gather_logprobs(logits, row_index, target, offsets)
+    rl, rg = reference.gather_logprobs(logits, row_index, target, offsets)
+    assert ll.dtype == torch.float32 and g.dtype == torch.bool and ll.shape == (40,)
+    torch.testing.assert_close(ll, rl, atol=1e-5, rtol=1e-6)
+    assert torch.equal(g, rg)
+    assert g.any() and not g.all()
+    tl, tg = _truth(logits.cpu(), row_index.cpu(), target.cpu(), offsets.cpu())
+    torch.testing.assert_close(ll.cpu().double(), tl, atol=2e-5, rtol=1e-6)
+    assert torch.equal(g.cpu(), tg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token_choices_share_one_row(device):
+    """The usual MCQ case: 4 single-token requests per question, all on one row."""
+    torch.manual_seed(1)
+    N, V = 16, 32000
+    logits = torch.randn(N, V, device=device) * 3
+    choice_ids = torch.tensor([330, 365, 334, 384], device=device)
+    lp = ops.choice_logprobs(logits, choice_ids)
+    ref = reference.choice_logprobs(logits, choice_ids)
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-6)
+    per_row = torch.randint(0, V, (N, 4), device=device)
+    torch.testing.assert_close(
+        ops.choice_logprobs(logits, per_row),
+        reference.choice_logprobs(logits, per_row),
+        atol=1e-5,
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows_from_3d_logits(dtype, device):
+    """Rows picked out of [B, T, V] logits without a copy (stride(0) = T * V)."""
+    torch.manual_seed(2)
+    B, T, V = 5, 7, 32001
+    full = (torch.randn(B, T, V) * 2).to(dtype).to(device)
+    last = full[:, -1, :]
+    assert not last.is_contiguous() and last.stride(1) == 1
+    row_index = torch.tensor([0, 1, 2, 3, 4, 4], device=device)
+    target = torch.tensor([5, 6, 7, 8, 9, 10], device=device)
+    offsets = torch.tensor([0, 1, 2, 3, 4, 6], device=device)
+    ll, g = ops.gather_logprobs(last, row_index, target, offsets)
+    rl, rg = reference.gather_logprobs(last.contiguous(), row_index, target, offsets)
+    torch.testing.assert_close(ll, rl, atol=1e-5, rtol=1e-6)
+    assert torch.equal(g, rg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(dtype, device):
+    torch.manual_seed(3)
+    V = 32000
+    logits = torch.randn(6, V) * 3
+    logits[0, 17] = 1e4  # one huge logit: loglik of 17 is ~0, the rest ~ -1e4
+    logits[1, :] = -1e4
+    logits[1, 5] = 1e4
+    logits[2, 100:200] = -1e4
+    logits[3, :] = 1e4  # all equal: uniform, argmax is index 0
+    logits = logits.to(dtype).to(device)
+    row_index = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4], device=device)
+    target = torch.tensor([17, 3, 5, 6, 150, 0, 9, 1], device=device)
+    offsets = torch.arange(9, device=device)
+    ll, g = ops.gather_logprobs(logits, row_index, target, offsets)
+    tl, tg = _truth(logits.cpu(), row_index.cpu(), target.cpu(), offsets.cpu())
+    # float32 arithmetic on logits of size 1e4 (ulp ~1e-3): loglik = x - lse is exact only up to
+    # about one ulp of 1e4, in any float32 implementation (lm-eval's included).
+    torch.testing.assert_close(ll.cpu().double(), tl, atol=2e-3, rtol=1e-6)
+    assert torch.equal(g.cpu(), tg)
+    assert g.tolist()[:3] == [True, False, True]
+    assert g[5] and not g[6]  # all-equal row: only index 0 is greedy
+    assert abs(float(ll[5]) + torch.log(torch.tensor(float(V))).item()) < 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tie_rule_first_index_wins(device):
+    """Ties: the argmax is the FIRST maximal index (torch.argmax / lm-eval's rule)."""
+    V = 32000
+    logits = torch.zeros(2, V, device=device)
+    logits[0, 10] = 5.0
+    logits[0, 20] = 5.0  # tied with 10
+    logits[1, 3000] = 2.0
+    logits[1, 2500] = 2.0  # tied, earlier index, in another chunk of the CPU kernel
+    row_index = torch.tensor([0, 0, 1, 1], device=device)
+    target = torch.tensor([10, 20, 2500, 3000], device=device)
+    offsets = torch.arange(5, device=device)
+    ll, g = ops.gather_logprobs(logits, row_index, target, offsets)
+    assert g.tolist() == [True, False, True, False]
+    assert ll[0] == ll[1] and ll[2] == ll[3]
+    # a multi-token request is greedy only if every pair is
+    _, g2 = ops.gather_logprobs(logits, row_index, target, torch.tensor([0, 2, 4], device=device))
+    assert g2.tolist() == [False, False]
+
+
+def test_multi_token_requests_sum_in_order():
+    torch.manual_seed(4)
+    V = 50257
+    logits = torch.randn(10, V)
+    row_index = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9])
+    target = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    offsets = torch.tensor([0, 4, 5, 5, 11])  # includes an empty request
+    ll, g = ops.gather_logprobs(logits, row_index, target, offsets)
+    lp = torch.log_softmax(logits.double(), -1)
+    expect = [
+        sum(float(lp[row_index[i], target[i]]) for i in range(a, b))
+        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+    ]
+    torch.testing.assert_close(
+        ll.double(), torch.tensor(expect, dtype=torch.float64), atol=2e-5, rtol=0
+    )
+    assert ll[2] == 0.0 and g[2]  # empty request: log-likelihood 0, vacuously greedy
+
+
+def test_empty_inputs_return_empty():
+    logits = torch.randn(3, 100)
+    e = torch.zeros(0, dtype=torch.long)
+    ll, g = ops.gather_logprobs(logits, e, e, torch.zeros(1, dtype=torch.long))
+    assert ll.shape == (0,) and g.shape == (0,)
+    ll, g = ops.gather_logprobs(torch.randn(0, 100), e, e, torch.zeros(1, dtype=torch.long))
+    assert ll.shape == (0,)
+    assert ops.choice_logprobs(torch.randn(0, 100), torch.tensor([1, 2])).shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda L: (L[0], L[1], L[2][:-1], L[3]), "same length"),
+        (lambda L: (L[0], L[1].int(), L[2], L[3]), "row_index must be a 1-D int64"),
+        (lambda L: (L[0].int(), L[1], L[2], L[3]), "dtype must be float32"),
+        (lambda L: (L[0][0], L[1], L[2], L[3]), "2-D"),
+        (lambda L: (L[0].t(), L[1], L[2], L[3]), "contiguous last dimension"),
+        (lambda L: (L[0], L[1] + 100, L[2], L[3]), r"row_index out of range \[0, 4\)"),
+        (lambda L: (L[0], L[1], L[2] + 1000, L[3]), r"target id out of range \[0, 1000\)"),
+        (lambda L: (L[0], L[1], L[2], torch.tensor([0, 3, 2, 4])), "non-decreasing"),
+        (lambda L: (L[0], L[1], L[2], torch.tensor([0, 2, 3])), "end at M=4"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, match):
+    L = (
+        torch.randn(4, 1000),
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([1, 2, 3, 4]),
+        torch.arange(5),
+    )
+    with pytest.raises(ValueError, match=match):
+        ops.gather_logprobs(*make(L))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("poison", ["nan", "allneginf", "posinf"])
+def test_bad_rows_raise(poison, device):
+    logits = torch.randn(4, 5000)
+    if poison == "nan":
+        logits[2, 4321] = float("nan")
+    elif poison == "allneginf":
+        logits[2] = float("-inf")
+    else:
+        logits[2, 7] = float("inf")
+    logits = logits.to(device)
+    with pytest.raises(RuntimeError, match="row 2"):
+        ops.gather_logprobs(
+            logits,
+            torch.tensor([0, 2], device=device),
+            torch.tensor([1, 1], device=device),
+            torch.tensor([0, 1, 2], device=device),
+        )
+    # rows that are never asked for are never read
+    ll, _ = ops.gather_logprobs(
+        logits,
+        torch.tensor([0, 1], device=device),
+        torch.tensor([1, 1], device=device),
+        torch.tensor([0, 1, 2], device=device),
+    )
+    assert torch.isfinite(ll).all()
+
+
+def test_partial_neginf_row_is_fine():
+    logits = torch.randn(1, 4096)
+    logits[0, :4000] = float("-inf")  # masked vocabulary
+    ll, g = ops.gather_logprobs(
+        logits, torch.tensor([0, 0]), torch.tensor([4001, 5]), torch.arange(3)
+    )
+    ref = torch.log_softmax(logits.double(), -1)[0]
+    assert abs(float(ll[0]) - float(ref[4001])) < 1e-5
+    assert ll[1] == float("-inf") and not g[1]
+
+
+def test_compiled_extension_is_what_runs(monkeypatch):
+    """When _C is built, the op must run it, not a silent fallback to the reference."""
+    if os.environ.get("WMDP_FAST_DISABLE_C") == "1":
+        pytest.skip("C++ extension disabled on purpose")
+    info = build_info()
+    if os.environ.get("WMDP_FAST_REQUIRE_C") == "1":
+        assert info["C_cpu_compiled"], f"wmdp_fast._C is not built: {info['C_error']}"
+    if not info["C_cpu_compiled"]:
+        pytest.skip(f"wmdp_fast._C not built: {info['C_error']}")
+    assert info["backends"]["cpu"]["gather_logprobs"] == "c++"
+    calls = []
+    C = _ext.load_C()
+    real = C.gather_logprobs
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    def boom(*a, **k):
+        raise AssertionError("reference path used although _C is built")
+
+    monkeypatch.setattr(C, "gather_logprobs", spy)
+    monkeypatch.setattr(reference, "gather_logprobs", boom)
+    ll, _ = ops.gather_logprobs(
+        torch.randn(2, 100), torch.tensor([0, 1]), torch.tensor([3, 4]), torch.arange(3)
+    )
+    assert calls == [1] and ll.shape == (2,)
+
+
+def test_fallback_path_warns_once_and_matches(monkeypatch, caplog):
+    monkeypatch.setenv("WMDP_FAST_DISABLE_C", "1")
+    _ext._reset_for_tests()
+    try:
+        torch.manual_seed(5)
+        logits = torch.randn(8, 32000)
+        ri, tg, off = _random_requests(8, 32000, 10, seed=5)
+        with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+            ll1, g1 = ops.gather_logprobs(logits, ri, tg, off)
+            ll2, _ = ops.gather_logprobs(logits, ri, tg, off)
+        warnings = [r for r in caplog.records if "C++ extension" in r.getMessage()]
+        assert len(warnings) == 1
+        assert ops.backend_of("gather_logprobs", "cpu") == "reference"
+        rl, rg = reference.gather_logprobs(logits, ri, tg, off)
+        assert torch.equal(ll1, rl) and torch.equal(g1, rg) and torch.equal(ll1, ll2)
+        bad = logits.clone()
+        bad[ri[0], 0] = float("nan")
+        with pytest.raises(RuntimeError, match=f"row {int(ri[0])}"):
+            ops.gather_logprobs(bad, ri, tg, off)
+    finally:
+        monkeypatch.delenv("WMDP_FAST_DISABLE_C")
+        _ext._reset_for_tests()
+
+
+@pytest.mark.gpu
+def test_cuda_extension_compiled_and_used():
+    info = build_info()
+    assert info["C_cuda_compiled"], "wmdp_fast._C was built without CUDA"
+    assert info["backends"]["cuda"]["gather_logprobs"] == "cuda"

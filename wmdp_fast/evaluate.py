@@ -1,0 +1,423 @@
+"""The MCQ evaluation engine: lm-eval's numbers from one decoder pass per distinct input.
+
+    from wmdp_fast.evaluate import evaluate
+    res = evaluate(model, tokenizer, "wmdp,mmlu_paper", data_dir="mirror/")
+    res["results"]["wmdp_bio"]["acc"], res["groups"]["wmdp"]["acc"]
+
+How a run goes (lm-eval semantics, spec/eval.md):
+1. Every question becomes 4 requests (context, " A".." D"), tokenized with lm-eval's
+   ``_encode_pair`` under the chosen protocol (wmdp_fast.prompts).
+2. A request's model input is ``(ctx + cont)[-(max_len + 1):][:-1]`` (left truncation) and it
+   is scored at its last ``len(cont)`` positions. Requests with the same input share one
+   sequence (as lm-eval's logits cache does): when all 4 answers are single tokens in context
+   (the usual case) a question is ONE sequence read at ONE position; otherwise its requests
+   fall back to the multi-token path, which reads several positions per sequence.
+3. Sequences are sorted by length (longest first) and batched under a token budget. Only the
+   decoder body runs over the batch (``model.model``); the LM head (plus Gemma's final logit
+   softcapping) is applied to the hidden states of the needed positions only, and
+   `ops.gather_logprobs` (C++/CUDA) turns those logits into log-likelihoods and is_greedy
+   flags. No [B, T, V] tensor is ever built.
+4. Padding: batches are right-padded and run WITHOUT an attention mask, exactly as lm-eval's
+   hf backend does: under causal attention a real position never attends to later (padded)
+   positions, and position ids start at 0 for every row, so padding cannot change a needed
+   position's value; the model's own attention applies any sliding window
+   (tests/test_evaluate.py checks batched against one-sequence runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from wmdp_fast import ops
+from wmdp_fast.data import MCQTask, load_tasks
+from wmdp_fast.errors import ConfigError, ModelError, ResourceError
+from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
+
+log = logging.getLogger("wmdp_fast")
+
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives one
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+CPU_BATCH_TOKENS = 2048
+MAX_AUTO_BATCH_TOKENS = 32768
+
+
+def model_max_length(model, tokenizer) -> int:
+    """The context length lm-eval uses (``resolve_max_length``): the (text) config's
+    n_positions / max_position_embeddings / n_ctx, else the tokenizer's model_max_length,
+    else 2048."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    mml = getattr(tokenizer, "model_max_length", None)
+    if mml is not None and mml != _TOKENIZER_INFINITY:
+        return int(mml)
+    return DEFAULT_MAX_LENGTH
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass
+class _Request:
+    question: int  # global question index
+    seq: int  # index of its input sequence
+    start: int  # first position (in the sequence) that predicts a continuation token
+    cont: list[int]  # continuation token ids
+
+
+def build_requests(
+    tasks: list[MCQTask], tokenizer, protocol, max_length: int, model_type: str | None
+) -> tuple[list[tuple[int, ...]], list[_Request], int]:
+    """Tokenize every question; returns (unique input sequences, 4 requests per question in
+    order, number of questions whose 4 answers are single tokens)."""
+    proto = get_protocol(protocol)
+    contexts = [
+        proto.context(d["question"], d["choices"], t.subject) for t in tasks for d in t.docs
+    ]
+    pairs = encode_pairs(tokenizer, contexts, continuations(), proto.add_special_tokens(model_type))
+    seq_index: dict[tuple[int, ...], int] = {}
+    seqs: list[tuple[int, ...]] = []
+    requests: list[_Request] = []
+    single = 0
+    for qi, (ctx, conts) in enumerate(pairs):
+        if not ctx:
+            raise ModelError(f"question {qi}: the tokenizer produced no context tokens")
+        single += all(len(c) == 1 for c in conts)
+        for cont in conts:
+            if not cont:
+                raise ModelError(
+                    f"question {qi}: a continuation encodes to no tokens in context; "
+                    "this tokenizer cannot score lm-eval's ' A'..' D' answers"
+                )
+            if len(cont) > max_length:
+                raise ConfigError(
+                    f"question {qi}: continuation longer than max length {max_length}"
+                )
+            inp = tuple((ctx + cont)[-(max_length + 1) :][:-1])
+            s = seq_index.get(inp)
+            if s is None:
+                s = seq_index[inp] = len(seqs)
+                seqs.append(inp)
+            requests.append(_Request(qi, s, len(inp) - len(cont), cont))
+    return seqs, requests, single
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+class _Scorer:
+    """Decoder body + LM head applied at chosen positions only."""
+
+    def __init__(self, model):
+        self.model = model
+        self.body = getattr(model, "model", None)
+        self.head = getattr(model, "lm_head", None)
+        self.split = isinstance(self.body, torch.nn.Module) and isinstance(
+            self.head, torch.nn.Module
+        )
+        if not self.split:
+            log.warning(
+                "%s has no model.model / model.lm_head: falling back to full forward passes "
+                "(correct, but builds the full logits)",
+                type(model).__name__,
+            )
+        cfg = getattr(model.config, "text_config", None) or model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(
+            model.config, "final_logit_softcapping", None
+        )
+        emb = model.get_input_embeddings()
+        self.device = emb.weight.device
+
+    def logits_at(self, ids: torch.Tensor, flat_rows: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> logits [R, V] at flat positions b * T + t (R = len(flat_rows))."""
+        B, T = ids.shape
+        if self.split:
+            hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
+            h = hidden.reshape(B * T, -1).index_select(0, flat_rows)
+            logits = self.head(h)
+        else:
+            full = self.model(input_ids=ids, use_cache=False).logits
+            return full.reshape(B * T, -1).index_select(0, flat_rows).contiguous()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.contiguous()
+
+
+def auto_batch_tokens(model, device: torch.device) -> int:
+    """Token budget per batch: from free GPU memory on CUDA, a cache-friendly 2048 on the CPU."""
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    hidden = int(getattr(cfg, "hidden_size", 4096))
+    inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
+    # activations alive at once in one no-grad layer (bf16/fp16; fp32 doubles it), generous
+    elt = 4 if model.dtype == torch.float32 else 2
+    per_token = elt * (8 * hidden + 4 * inter)
+    budget = int(0.35 * free / per_token)
+    return max(256, min(MAX_AUTO_BATCH_TOKENS, budget))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def score_sequences(
+    model,
+    seqs: list[tuple[int, ...]],
+    requests: list[_Request],
+    batch_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[list[float], list[bool]]:
+    """Log-likelihood and is_greedy of every request (in order)."""
+    scorer = _Scorer(model)
+    device = scorer.device
+    budget = int(batch_tokens) if batch_tokens else auto_batch_tokens(model, device)
+    if budget < 1:
+        raise ConfigError(f"--batch-tokens must be >= 1, got {batch_tokens}")
+    log.info("batch token budget: %d%s", budget, "" if batch_tokens else " (auto)")
+
+    by_seq: list[list[int]] = [[] for _ in seqs]
+    for ri, r in enumerate(requests):
+        by_seq[r.seq].append(ri)
+    order = sorted(range(len(seqs)), key=lambda s: (-len(seqs[s]), seqs[s]))
+    loglik = [0.0] * len(requests)
+    greedy = [False] * len(requests)
+
+    bar = tqdm(total=len(order), desc="Scoring", unit="seq", disable=not progress)
+    i = 0
+    with torch.inference_mode():
+        while i < len(order):
+            T = len(seqs[order[i]])
+            n = max(1, budget // T)
+            batch = order[i : i + n]
+            try:
+                _score_batch(scorer, seqs, requests, by_seq, batch, loglik, greedy)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                if not _is_oom(exc):
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(batch) == 1:
+                    raise ResourceError(
+                        f"out of memory on a single sequence of {T} tokens: try --load-in-4bit, "
+                        "a smaller --dtype, or a GPU with more memory"
+                    ) from exc
+                budget = max(T, (len(batch) // 2) * T)
+                log.warning("out of memory: lowering the batch token budget to %d", budget)
+                continue
+            i += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return loglik, greedy
+
+
+def _score_batch(scorer, seqs, requests, by_seq, batch, loglik, greedy) -> None:
+    T = len(seqs[batch[0]])
+    ids = torch.zeros((len(batch), T), dtype=torch.long)
+    row_of: dict[int, int] = {}
+    flat: list[int] = []
+    pair_rows: list[int] = []
+    targets: list[int] = []
+    offsets = [0]
+    req_ids: list[int] = []
+    for b, s in enumerate(batch):
+        seq = seqs[s]
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        for ri in by_seq[s]:
+            r = requests[ri]
+            for j, tok in enumerate(r.cont):
+                pos = b * T + r.start + j
+                row = row_of.get(pos)
+                if row is None:
+                    row = row_of[pos] = len(flat)
+                    flat.append(pos)
+                pair_rows.append(row)
+                targets.append(tok)
+            offsets.append(len(targets))
+            req_ids.append(ri)
+    dev = scorer.device
+    logits = scorer.logits_at(ids.to(dev), torch.tensor(flat, dtype=torch.long, device=dev))
+    ll, gr = ops.gather_logprobs(
+        logits,
+        torch.tensor(pair_rows, dtype=torch.long, device=logits.device),
+        torch.tensor(targets, dtype=torch.long, device=logits.device),
+        torch.tensor(offsets, dtype=torch.long, device=logits.device),
+    )
+    for ri, v, g in zip(req_ids, ll.tolist(), gr.tolist()):
+        loglik[ri] = v
+        greedy[ri] = bool(g)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _mean_stderr(values: list[float]) -> float | None:
+    """lm-eval's mean_stderr: sample standard deviation (n - 1) / sqrt(n); None for n < 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def _pooled_stderr(stderrs: list[float | None], sizes: list[int]) -> float | None:
+    """lm-eval's pooled_sample_stderr for a size-weighted group."""
+    if any(s is None for s in stderrs) or sum(sizes) <= len(sizes):
+        return None
+    var = sum((n - 1) * se**2 * n for n, se in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
+    return math.sqrt(var / sum(sizes))
+
+
+def _argmax_first(xs: list[float]) -> int:
+    best = 0
+    for i, x in enumerate(xs):
+        if x > xs[best]:
+            best = i
+    return best
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: str | list[str] | list[MCQTask],
+    *,
+    protocol: str = "lm-eval-current",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_tokens: int | None = None,
+    max_length: int | None = None,
+    log_samples: bool = False,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> dict:
+    """Score multiple-choice tasks on an already loaded causal LM, as lm-eval would.
+
+    Args:
+        model: a transformers causal LM (eval mode; any dtype, 4/8-bit, any device).
+        tokenizer: its tokenizer (the HF tokenizer, as lm-eval uses).
+        tasks: task/group names ("wmdp", "mmlu", "mmlu_paper", "wmdp_bio", "mmlu_virology",
+            "demo_forget", ... as a comma-separated string or list), or already loaded
+            `wmdp_fast.data.MCQTask` objects (then `data_dir` and `limit` are ignored).
+        protocol: "lm-eval-current" (lm-eval 0.4.13, default) or "lm-eval-0.4.2" (the paper).
+        data_dir: local mirror of the hub data (None = Hugging Face hub).
+        limit: first N questions of each task.
+        batch_tokens: token budget per batch (None = automatic from free memory).
+        max_length: context length (None = lm-eval's rule from the model config).
+        log_samples: also return per-question records under "samples".
+        progress: show a tqdm bar.
+        model_name: name written into the result (default: config._name_or_path).
+
+    Returns:
+        {"results": {task: {"acc", "acc_stderr", "n"}}, "groups": {group: {"acc",
+        "acc_stderr", "n"}}, "protocol", "model", "dtype", "versions", "seconds"} and, with
+        log_samples, "samples": [{"task", "doc_id", "loglikelihoods", "pred", "answer",
+        "is_greedy"}]. Group acc is the size-weighted mean of its tasks, group acc_stderr
+        lm-eval's pooled sample stderr.
+
+    Raises DataError (bad data, before the model runs), ConfigError, ModelError, ResourceError.
+    """
+    t0 = time.perf_counter()
+    proto = get_protocol(protocol)
+    if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, MCQTask) for t in tasks):
+        task_objs = [MCQTask(t.name, t.subject, t.source, t.docs[:limit]) for t in tasks]
+        groups: dict[str, list[str]] = {}
+    else:
+        task_objs, groups = load_tasks(tasks, data_dir, limit)
+    L = int(max_length) if max_length else model_max_length(model, tokenizer)
+    model_type = getattr(model.config, "model_type", None)
+
+    t_tok = time.perf_counter()
+    seqs, requests, single = build_requests(task_objs, tokenizer, proto, L, model_type)
+    n_q = sum(len(t.docs) for t in task_objs)
+    log.info(
+        "%d questions, %d requests -> %d sequences (%d questions single-position, %d "
+        "multi-token); tokenized in %.2fs; protocol %s, max length %d",
+        n_q, len(requests), len(seqs), single, n_q - single,
+        time.perf_counter() - t_tok, proto.name, L,
+    )  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        loglik, greedy = score_sequences(model, seqs, requests, batch_tokens, progress)
+    finally:
+        model.train(was_training)
+
+    results: dict[str, dict] = {}
+    samples: list[dict] = []
+    q = 0
+    for t in task_objs:
+        correct = []
+        for doc_id, doc in enumerate(t.docs):
+            lls = loglik[4 * q : 4 * q + 4]
+            pred = _argmax_first(lls)
+            correct.append(1.0 if pred == doc["answer"] else 0.0)
+            if log_samples:
+                samples.append(
+                    {
+                        "task": t.name,
+                        "doc_id": doc_id,
+                        "loglikelihoods": lls,
+                        "pred": pred,
+                        "answer": doc["answer"],
+                        "is_greedy": greedy[4 * q : 4 * q + 4],
+                    }
+                )
+            q += 1
+        results[t.name] = {
+            "acc": sum(correct) / len(correct),
+            "acc_stderr": _mean_stderr(correct),
+            "n": len(correct),
+        }
+    group_res = {}
+    for g, members in groups.items():
+        sizes = [results[m]["n"] for m in members]
+        accs = [results[m]["acc"] for m in members]
+        group_res[g] = {
+            "acc": sum(a * n for a, n in zip(accs, sizes)) / sum(sizes),
+            "acc_stderr": _pooled_stderr([results[m]["acc_stderr"] for m in members], sizes),
+            "n": sum(sizes),
+        }
+    out = {
+        "results": results,
+        "groups": group_res,
+        "protocol": proto.name,
+        "model": model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+        "versions": _versions(proto),
+        "max_length": L,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def _versions(proto) -> dict:
+    import importlib.metadata as md
+
+    import wmdp_fast
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "wmdp_fast": wmdp_fast.__version__,
+        "lm_eval_reproduced": proto.lm_eval_version,
+        "torch": torch.__version__,
+        "transformers": v("transformers"),
+    }

@@ -301,6 +301,7 @@ def evaluate(
     log_samples: bool = False,
     progress: bool = True,
     model_name: str | None = None,
+    groups: dict[str, list[str]] | None = None,
 ) -> dict:
     """Score multiple-choice tasks on an already loaded causal LM, as lm-eval would.
 
@@ -318,6 +319,8 @@ def evaluate(
         log_samples: also return per-question records under "samples".
         progress: show a tqdm bar.
         model_name: name written into the result (default: config._name_or_path).
+        groups: {group: [task names]} to aggregate when `tasks` are MCQTask objects (names
+            resolve their groups themselves).
 
     Returns:
         {"results": {task: {"acc", "acc_stderr", "n"}}, "groups": {group: {"acc",
@@ -332,7 +335,7 @@ def evaluate(
     proto = get_protocol(protocol)
     if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, MCQTask) for t in tasks):
         task_objs = [MCQTask(t.name, t.subject, t.source, t.docs[:limit]) for t in tasks]
-        groups: dict[str, list[str]] = {}
+        groups = dict(groups or {})
     else:
         task_objs, groups = load_tasks(tasks, data_dir, limit)
     L = int(max_length) if max_length else model_max_length(model, tokenizer)

@@ -1,0 +1,185 @@
+"""CLI: python -m wmdp_fast.eval -- WMDP/MMLU accuracy as lm-evaluation-harness computes it.
+
+    python -m wmdp_fast.eval --model HuggingFaceH4/zephyr-7b-beta --tasks wmdp,mmlu \\
+        --output results.json --log-samples samples.jsonl
+    python -m wmdp_fast.eval --model ./ckpt --tasks wmdp --data-dir ./mirror --protocol lm-eval-0.4.2
+    python -m wmdp_fast.eval            # the embedded demo model on the demo tasks, offline
+
+Thin: parse, load (data first, so bad data fails before the model loads), call
+`wmdp_fast.evaluate.evaluate`, print the table, write files atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from wmdp_fast.errors import ConfigError, ModelError, WmdpFastError
+from wmdp_fast.prompts import DEFAULT_PROTOCOL, PROTOCOLS
+
+log = logging.getLogger("wmdp_fast")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m wmdp_fast.eval",
+        description="Multiple-choice accuracy (WMDP, MMLU) with lm-evaluation-harness parity.",
+    )
+    p.add_argument(
+        "--model",
+        help="hub name or local directory of a causal LM (omitted: the embedded demo model)",
+    )
+    p.add_argument(
+        "--tasks",
+        help="comma-separated tasks/groups: wmdp, mmlu, mmlu_paper, wmdp_bio, mmlu_<subject>, "
+        "demo_forget, demo_retain (default: wmdp; the demo tasks when --model is omitted)",
+    )
+    p.add_argument("--data-dir", help="local mirror of the hub data (wmdp-bio.jsonl, mmlu/...)")
+    p.add_argument(
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=sorted(PROTOCOLS),
+        help="prompt/BOS protocol: lm-eval-current (0.4.13, default) or lm-eval-0.4.2 (paper)",
+    )
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bf16, ...")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit (bitsandbytes)")
+    p.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 8-bit (bitsandbytes)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--limit", type=_positive_int, help="first N questions of each task")
+    p.add_argument(
+        "--batch-tokens", type=_positive_int, help="tokens per batch (default: from free memory)"
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="allow hub model code")
+    p.add_argument("--output", help="write results JSON here")
+    p.add_argument("--log-samples", help="write one JSON line per question here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    return p
+
+
+def _atomic_write(path: str, text: str, flag: str) -> None:
+    target = Path(path)
+    if not target.parent.exists():
+        raise ConfigError(f"{flag} {path}: folder {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(x) -> str:
+    return "N/A" if x is None else f"{x:.4f}"
+
+
+def format_table(res: dict) -> str:
+    """A markdown table like lm-eval's summary (tasks, then groups)."""
+    proto = res["protocol"]
+    lines = [
+        f"{res['model']} ({res['dtype']}), protocol {proto}, {res['seconds']:.1f}s",
+        "",
+        "|Tasks|n|Metric| |Value| |Stderr|",
+        "|-----|-:|------|-|----:|-|-----:|",
+    ]
+    for name, r in res["results"].items():
+        lines.append(f"|{name}|{r['n']}|acc|↑|{_fmt(r['acc'])}|±|{_fmt(r['acc_stderr'])}|")
+    if res["groups"]:
+        lines += ["", "|Groups|n|Metric| |Value| |Stderr|", "|------|-:|------|-|----:|-|-----:|"]
+        for name, r in res["groups"].items():
+            lines.append(f"|{name}|{r['n']}|acc|↑|{_fmt(r['acc'])}|±|{_fmt(r['acc_stderr'])}|")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from wmdp_fast.data import DEMO_TASKS, load_tasks
+    from wmdp_fast.evaluate import evaluate
+    from wmdp_fast.models import load_model, load_tokenizer, resolve_device
+
+    model_path = args.model
+    tasks = args.tasks
+    if model_path is None:
+        from wmdp_fast import demo
+
+        model_path = str(demo.demo_model_dir())
+        if not (Path(model_path) / "config.json").is_file():
+            raise ModelError(
+                f"the embedded demo model is missing ({model_path}); pass --model, or build it "
+                "with python -m wmdp_fast.demo.train"
+            )
+        tasks = tasks or ",".join(DEMO_TASKS)
+    tasks = tasks or "wmdp"
+    if args.load_in_4bit and args.load_in_8bit:
+        raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+
+    task_objs, groups = load_tasks(tasks, args.data_dir, args.limit)  # validates all data first
+    device = resolve_device(args.device)
+    log.info("loading %s", model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
+    model = load_model(
+        model_path,
+        dtype=args.dtype,
+        device=device,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        trust_remote_code=args.trust_remote_code,
+    )
+    res = evaluate(
+        model,
+        tokenizer,
+        task_objs,
+        groups=groups,
+        protocol=args.protocol,
+        batch_tokens=args.batch_tokens,
+        log_samples=bool(args.log_samples),
+        progress=not args.no_progress,
+        model_name=args.model or "wmdp_fast-demo",
+    )
+    res["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    res["limit"] = args.limit
+    samples = res.pop("samples", None)
+    if args.output:
+        _atomic_write(args.output, json.dumps(res, indent=2) + "\n", "--output")
+    if args.log_samples:
+        text = "".join(json.dumps(s) + "\n" for s in samples or [])
+        _atomic_write(args.log_samples, text, "--log-samples")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        res = run(args)
+    except WmdpFastError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

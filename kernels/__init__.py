@@ -22,7 +22,9 @@ import threading
 from types import ModuleType
 
 _lock = threading.Lock()
+_launch_lock = threading.RLock()
 _interpreted: dict[str, ModuleType] = {}
+_shadows: dict = {}
 
 
 @contextlib.contextmanager
@@ -39,8 +41,44 @@ def interpret_env():
             os.environ["TRITON_INTERPRET"] = old
 
 
+def _import_triton_compiled() -> None:
+    """Imports triton (and the parts it imports lazily at launch) with TRITON_INTERPRET unset,
+    unless the user set it: importing triton under the interpreter turns its standard library
+    (tl.sum, ...) into interpreted functions that the GPU compiler cannot use."""
+    import triton
+    import triton.language  # noqa: F401
+
+    with contextlib.suppress(Exception):
+        import triton.experimental.gluon  # noqa: F401
+
+
+@contextlib.contextmanager
+def interpreter_launch():
+    """Context for launching an interpreted kernel in a process whose triton was imported for
+    the compiler: calls from the kernel into @triton.jit helpers (ours and triton's standard
+    library, e.g. tl.sum) run in the interpreter too. Launches are serialised."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def call(self, *args, **kwargs):
+        # keyed by id: hashing a JITFunction parses its source (and fails mid-interpretation)
+        entry = _shadows.get(id(self))
+        if entry is None or entry[0] is not self:
+            entry = _shadows[id(self)] = (self, InterpretedFunction(self.fn))
+        return entry[1](*args, **kwargs)
+
+    with _launch_lock, interpret_env():
+        original = JITFunction.__call__
+        JITFunction.__call__ = call
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
 def load(name: str, interpret: bool = False) -> ModuleType:
     """The kernel module `name`: compiled for the GPU, or (interpret=True) an interpreted copy."""
+    _import_triton_compiled()
     if not interpret:
         return importlib.import_module(f"{__name__}.{name}")
     with _lock:
@@ -53,6 +91,5 @@ def load(name: str, interpret: bool = False) -> ModuleType:
             sys.modules[full] = mod
             with interpret_env():
                 spec.loader.exec_module(mod)
-            mod.INTERPRETED = True
             _interpreted[name] = mod
         return mod

@@ -462,7 +462,10 @@ def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = No
         raise ConfigError(
             f"unpack_activations: dtype must be float32, bfloat16 or float16, got {dtype}"
         )
-    return reference.unpack_activations(packed, dtype)
+    backend = _triton_backend(packed.device)
+    if packed.fmt == "bf16" or backend == "reference":
+        return reference.unpack_activations(packed, dtype)
+    return _kernel_module("pack", backend).unpack_int8(packed, dtype or packed.dtype)
 
 
 class RMULoss(torch.nn.Module):

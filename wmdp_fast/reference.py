@@ -123,7 +123,7 @@ def int8_quantize(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1) / INT8_QMAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.floor(x / safe[..., None] + 0.5).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale.contiguous()
 
 
 def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivations:

@@ -1,0 +1,396 @@
+"""Fused RMU activation-MSE loss: forward and backward in one pass over the activations.
+
+`scale * mean((hidden - target)^2)` for a decoder layer's output `hidden` [B, T, D] against a
+broadcast control vector [D] / [1, 1, D], the frozen model's output [B, T, D] or a packed
+int8/bf16 cache entry (dequantised here, in registers). One program per position (row):
+
+  stage 1  reads the row of `hidden` and `target` once, accumulates sum((h - t)^2) in float32
+           into one partial per row, and writes the gradient `2 * scale / count * (h - t)` in
+           hidden's dtype in the same pass (masked-out rows get zeros and are never read);
+  stage 2  one program sums the row partials in a fixed order and applies scale / count.
+
+No float atomics: the same inputs give bitwise the same loss and gradient on every run. The
+backward only rescales the stored gradient when grad_output != 1. `rmu_loss` runs RMU's
+forget and retain terms in ONE stage-1 launch (programs [0, N_f) take the forget rows, the
+rest the retain rows) and one stage-2 launch.
+
+Use these through `wmdp_fast.ops` (argument checks live there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from wmdp_fast.reference import PackedActivations
+
+MAX_BLOCK_D = 8192
+FINISH_BLOCK = 1024
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _mse_row(
+    row,
+    h_ptr,
+    h_sb,
+    h_st,
+    h_sd,
+    t_ptr,
+    t_sb,
+    t_st,
+    t_sd,
+    s_ptr,
+    s_sb,
+    s_st,
+    m_ptr,
+    m_sb,
+    m_st,
+    g_ptr,
+    T,
+    D,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    TARGET_INT8: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """sum((h - t)^2) over one row (position) in float32; writes grad_scale * (h - t)."""
+    row = row.to(tl.int64)
+    b = row // T
+    t = row - b * T
+    n_live = D  # columns to read: all, or none for a masked-out row
+    if HAS_MASK:
+        n_live = tl.where(tl.load(m_ptr + b * m_sb + t * m_st) != 0, D, 0)
+    h_row = h_ptr + b * h_sb + t * h_st
+    t_row = t_ptr + b * t_sb + t * t_st
+    if TARGET_INT8:
+        qscale = tl.load(s_ptr + b * s_sb + t * s_st)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        in_row = cols < D
+        live = cols < n_live
+        h = tl.load(h_row + cols * h_sd, mask=live, other=0.0).to(tl.float32)
+        tv = tl.load(t_row + cols * t_sd, mask=live, other=0).to(tl.float32)
+        if TARGET_INT8:
+            tv = tv * qscale
+        diff = h - tv
+        acc += diff * diff
+        if WRITE_GRAD:
+            g = (diff * grad_scale).to(g_ptr.dtype.element_ty)
+            tl.store(g_ptr + row * D + cols, g, mask=in_row)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _rmu_mse_kernel(
+    part_ptr,
+    h_ptr,
+    h_sb,
+    h_st,
+    h_sd,
+    t_ptr,
+    t_sb,
+    t_st,
+    t_sd,
+    s_ptr,
+    s_sb,
+    s_st,
+    m_ptr,
+    m_sb,
+    m_st,
+    g_ptr,
+    T,
+    D,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    TARGET_INT8: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    s = _mse_row(
+        row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
+        m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
+        HAS_MASK, TARGET_INT8, WRITE_GRAD, BLOCK_D,
+    )  # fmt: skip
+    tl.store(part_ptr + row, s)
+
+
+@triton.jit
+def _rmu_loss_kernel(
+    part_ptr,
+    n_forget,
+    fh_ptr,
+    fh_sb,
+    fh_st,
+    fh_sd,
+    ft_ptr,
+    ft_sb,
+    ft_st,
+    ft_sd,
+    fs_ptr,
+    fs_sb,
+    fs_st,
+    fm_ptr,
+    fm_sb,
+    fm_st,
+    fg_ptr,
+    fT,
+    fD,
+    f_grad_scale,
+    rh_ptr,
+    rh_sb,
+    rh_st,
+    rh_sd,
+    rt_ptr,
+    rt_sb,
+    rt_st,
+    rt_sd,
+    rs_ptr,
+    rs_sb,
+    rs_st,
+    rm_ptr,
+    rm_sb,
+    rm_st,
+    rg_ptr,
+    rT,
+    rD,
+    r_grad_scale,
+    F_HAS_MASK: tl.constexpr,
+    F_TARGET_INT8: tl.constexpr,
+    F_WRITE_GRAD: tl.constexpr,
+    R_HAS_MASK: tl.constexpr,
+    R_TARGET_INT8: tl.constexpr,
+    R_WRITE_GRAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_forget:
+        s = _mse_row(
+            pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
+            fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
+            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, BLOCK_D,
+        )  # fmt: skip
+    else:
+        s = _mse_row(
+            pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
+            rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
+            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, BLOCK_D,
+        )  # fmt: skip
+    tl.store(part_ptr + pid, s)
+
+
+@triton.jit
+def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr):
+    """out = [a + b, a, b] with a = mul_a * sum(part[:n_a]), b = mul_b * sum(part[n_a:]),
+    summed in a fixed order by one program."""
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_total, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        v = tl.load(part_ptr + idx, mask=idx < n_total, other=0.0)
+        acc_a += tl.where(idx < n_a, v, 0.0)
+        acc_b += tl.where(idx >= n_a, v, 0.0)
+    a = tl.sum(acc_a, axis=0) * mul_a
+    b = tl.sum(acc_b, axis=0) * mul_b
+    tl.store(out_ptr, a + b)
+    tl.store(out_ptr + 1, a)
+    tl.store(out_ptr + 2, b)
+
+
+# --- host side ---------------------------------------------------------------------------------
+
+
+def block_settings(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for rows of D elements: the whole row in one block up to 8192."""
+    block = min(triton.next_power_of_2(D), MAX_BLOCK_D)
+    num_warps = 4 if block < 2048 else (8 if block < 8192 else 16)
+    return block, num_warps
+
+
+def _launch_ctx():
+    if not INTERPRETED:
+        return contextlib.nullcontext()
+    from wmdp_fast.kernels import interpreter_launch
+
+    return interpreter_launch()
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> a [B, T, D] view (a copy only when leading dims cannot be merged)."""
+    if x.dim() == 3:
+        return x
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+class _Term:
+    """One MSE term prepared for the kernel: tensors, strides and flags."""
+
+    def __init__(self, hidden, target, mask, count, scale, write_grad):
+        h3 = _as_3d(hidden)
+        B, T, D = h3.shape
+        self.hidden, self.h3, self.T, self.D = hidden, h3, T, D
+        self.n_rows = B * T
+        self.count = (count if count is not None else self.n_rows) * D
+        self.loss_mul = scale / self.count
+        self.grad_scale = 2.0 * scale / self.count
+        self.write_grad = write_grad
+        self.int8 = isinstance(target, PackedActivations) and target.fmt == "int8"
+        data = target.data if isinstance(target, PackedActivations) else target
+        broadcast = data.shape != hidden.shape
+        if broadcast:  # [D] or [1, ..., 1, D]
+            t1 = data.reshape(D)
+            self.t, self.t_strides = t1, (0, 0, t1.stride(0))
+        else:
+            t3 = _as_3d(data)
+            self.t, self.t_strides = t3, tuple(t3.stride())
+        if self.int8:
+            sc = target.scale
+            if broadcast:
+                sc = sc.reshape(1)
+                self.s, self.s_strides = sc, (0, 0)
+            else:
+                s3 = _as_3d(sc.unsqueeze(-1))
+                self.s, self.s_strides = s3, tuple(s3.stride()[:2])
+        else:
+            self.s, self.s_strides = h3, (0, 0)
+        if mask is not None:
+            m = (
+                mask.view(torch.uint8)
+                if mask.dtype == torch.bool
+                else (mask != 0).view(torch.uint8)
+            )
+            m3 = _as_3d(m.unsqueeze(-1))
+            self.m, self.m_strides = m3, tuple(m3.stride()[:2])
+        else:
+            self.m, self.m_strides = h3, (0, 0)
+        self.has_mask = mask is not None
+        if write_grad:
+            self.grad = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        else:
+            self.grad = h3  # never written (WRITE_GRAD is off)
+
+    def args(self) -> list:
+        return [
+            self.h3, *self.h3.stride(), self.t, *self.t_strides, self.s, *self.s_strides,
+            self.m, *self.m_strides, self.grad, self.T, self.D, self.grad_scale,
+        ]  # fmt: skip
+
+    def flags(self) -> list:
+        return [self.has_mask, self.int8, self.write_grad]
+
+
+def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> torch.Tensor:
+    out = torch.empty(3, dtype=torch.float32, device=partials.device)
+    _finish_kernel[(1,)](
+        partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK, num_warps=4
+    )
+    return out
+
+
+def mse_forward(hidden, target, mask, scale, count, write_grad):
+    """Stage 1 + stage 2 for one term: (loss float32 scalar, grad or None)."""
+    term = _Term(hidden, target, mask, count, scale, write_grad)
+    block, num_warps = block_settings(term.D)
+    partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
+    with _launch_ctx():
+        _rmu_mse_kernel[(term.n_rows,)](
+            partials, *term.args(), *term.flags(), BLOCK_D=block, num_warps=num_warps
+        )
+        out = _finish(partials, term.n_rows, term.loss_mul, 0.0)
+    return out[1], (term.grad if write_grad else None)
+
+
+def loss_forward(fterm: _Term, rterm: _Term):
+    """Both RMU terms in one stage-1 launch: (out [total, forget, retain], grad_f, grad_r)."""
+    block, num_warps = block_settings(max(fterm.D, rterm.D))
+    n = fterm.n_rows + rterm.n_rows
+    partials = torch.empty(n, dtype=torch.float32, device=fterm.hidden.device)
+    with _launch_ctx():
+        _rmu_loss_kernel[(n,)](
+            partials, fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(),
+            *rterm.flags(), BLOCK_D=block, num_warps=num_warps,
+        )  # fmt: skip
+        out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul)
+    return out, fterm.grad, rterm.grad
+
+
+def _rescale(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    # The stored gradient assumed grad_output == 1 (a sync to check, as Liger-Kernel does).
+    if torch.equal(grad_output, torch.ones((), dtype=grad_output.dtype, device=grad.device)):
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+class RMUMSEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, target, mask, scale, count):
+        loss, grad = mse_forward(hidden, target, mask, scale, count, write_grad=True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return _rescale(grad, grad_output), None, None, None, None
+
+
+class RMULossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_forget, h_retain, fterm, rterm):
+        out, grad_f, grad_r = loss_forward(fterm, rterm)
+        fterm.grad = rterm.grad = None  # the terms must not keep the buffers alive
+        ctx.has_f, ctx.has_r = fterm.write_grad, rterm.write_grad
+        ctx.save_for_backward(grad_f if ctx.has_f else None, grad_r if ctx.has_r else None)
+        total, forget, retain = out[0], out[1], out[2]
+        ctx.mark_non_differentiable(forget, retain)
+        return total, forget, retain
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_forget, _grad_retain):
+        grad_f, grad_r = ctx.saved_tensors
+        gf = _rescale(grad_f, grad_total) if ctx.has_f and ctx.needs_input_grad[0] else None
+        gr = _rescale(grad_r, grad_total) if ctx.has_r and ctx.needs_input_grad[1] else None
+        return gf, gr, None, None
+
+
+def rmu_mse(hidden, target, mask=None, scale=1.0, count=None) -> torch.Tensor:
+    """Triton twin of `ops.rmu_mse` (arguments already checked; `count` = number of true mask
+    positions, None without a mask)."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return RMUMSEFunction.apply(hidden, target, mask, float(scale), count)
+    loss, _ = mse_forward(hidden, target, mask, float(scale), count, write_grad=False)
+    return loss
+
+
+def rmu_loss(
+    h_forget,
+    control_vec,
+    h_retain,
+    retain_target,
+    alpha,
+    forget_mask=None,
+    retain_mask=None,
+    count_forget=None,
+    count_retain=None,
+):
+    """Triton twin of `ops.rmu_loss`: (total, forget_term, retain_term), both terms in one
+    launch. Arguments already checked."""
+    grad_on = torch.is_grad_enabled()
+    wf = grad_on and h_forget.requires_grad
+    wr = grad_on and h_retain.requires_grad
+    fterm = _Term(h_forget, control_vec, forget_mask, count_forget, 1.0, wf)
+    rterm = _Term(h_retain, retain_target, retain_mask, count_retain, float(alpha), wr)
+    if wf or wr:
+        return RMULossFunction.apply(h_forget, h_retain, fterm, rterm)
+    out, _, _ = loss_forward(fterm, rterm)
+    return out[0], out[1], out[2]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU (see README "GPU check"): builds wmdp_fast._C with CUDA, runs the
+# gpu-marked tests and the GPU benchmarks, and prints a short table. About 8 minutes on an H100.
+#
+# Packages the GPU image lacks (lm-eval, datasets, bitsandbytes, ...) travel unpacked in .gpu/site
+# (see benchmarks/RESULTS.md for how it is made); run from the repository root:
+#   bash benchmarks/gpu_check.sh            # everything
+#   GPU_CHECK_ONLY=kernels bash benchmarks/gpu_check.sh   # build + tests + kernel benchmarks only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+[ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+declare -a SUMMARY
+step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$(printf '| %-14s | %-4s | %4ss |' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$(( $(date +%s) - t0 ))")")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step build 240 env WMDP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 python setup.py -q build_ext --inplace
+step info 60 python -m wmdp_fast.info
+step gpu-tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider
+step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --rows 16384 --dtypes bfloat16,float32
+[ -f benchmarks/bench_rmu_mse_table.py ] && step bench-rmu-mse 90 python benchmarks/bench_rmu_mse_table.py --device cuda
+if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
+  [ -f benchmarks/bench_eval.py ] && step bench-eval 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b
+  [ -f benchmarks/bench_rmu.py ] && step bench-rmu 150 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b
+fi
+
+echo
+echo "## gpu_check $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+echo "| step           | status | time |"
+echo "|---|---|---|"
+printf '%s\n' "${SUMMARY[@]}"
+for f in "$OUT"/bench-*.log; do
+  [ -f "$f" ] || continue
+  echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|ratio|x faster|GB/s' "$f" | head -30
+done

@@ -11,6 +11,7 @@ entries themselves; `unpack_int8` is for callers that want the tensor back.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -19,7 +20,9 @@ import triton.language as tl
 from wmdp_fast.reference import INT8_QMAX, PackedActivations
 
 MAX_BLOCK_D = 8192
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
+# it was imported (kernels.load sets it for the interpreted copy).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit

@@ -20,6 +20,7 @@ Use these through `wmdp_fast.ops` (argument checks live there).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -29,7 +30,9 @@ from wmdp_fast.reference import PackedActivations
 
 MAX_BLOCK_D = 8192
 FINISH_BLOCK = 1024
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
+# it was imported (kernels.load sets it for the interpreted copy).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit

@@ -7,6 +7,7 @@ local random-weight models exercise the real loading path.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu"
+        )
     return dev
 
 
@@ -126,3 +129,203 @@ def get_decoder_layers(model) -> torch.nn.ModuleList:
             "models laid out like Llama, Mistral, Qwen2, Gemma and Mixtral"
         )
     return layers
+
+
+# --- RMU support: layer/parameter selection, quantized prefix, saving (issue 5) --------------
+
+_FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
+
+
+def validate_layers(model, layer_id: int, layer_ids) -> int:
+    """Check `layer_id` and `layer_ids` against the model; return the number of decoder layers."""
+    n = len(get_decoder_layers(model))
+    if not 0 <= layer_id < n:
+        raise ConfigError(f"--layer_id {layer_id} is out of range: the model has layers 0..{n - 1}")
+    if not layer_ids:
+        raise ConfigError("--layer_ids is empty: name at least one layer to update")
+    bad = [i for i in layer_ids if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"--layer_ids {bad} out of range: the model has layers 0..{n - 1}")
+    above = [i for i in layer_ids if i > layer_id]
+    if above:
+        raise ConfigError(
+            f"--layer_ids {above} lie above --layer_id {layer_id}: a layer above the one whose "
+            "output is trained never receives a gradient; use layers <= --layer_id"
+        )
+    return n
+
+
+def select_params(model, layer_ids, param_ids) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trained tensors: for each layer in `layer_ids`, `list(layer.parameters())[i]` for the
+    indices in `param_ids` (published RMU), in the published order (layer, then parameter index).
+
+    `param_ids` entries are ints or names relative to the layer (e.g. 'mlp.down_proj.weight').
+    Returns (full parameter name, parameter) pairs. For Mistral/Llama index 6 is
+    `mlp.down_proj.weight`; for Qwen2 the q/k/v biases shift it to 9.
+    """
+    layers = get_decoder_layers(model)
+    full_names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for lid in layer_ids:
+        named = list(layers[lid].named_parameters())
+        names = [n for n, _ in named]
+        wanted = set()
+        for pid in param_ids:
+            if isinstance(pid, int) or (isinstance(pid, str) and pid.strip().isdigit()):
+                i = int(pid)
+                if not 0 <= i < len(named):
+                    raise ConfigError(
+                        f"--param_ids {i} is out of range for layer {lid}, which has "
+                        f"{len(named)} parameters: "
+                        + ", ".join(f"{j}={n}" for j, n in enumerate(names))
+                    )
+                wanted.add(i)
+            else:
+                if pid not in names:
+                    raise ConfigError(
+                        f"--param_ids {pid!r} is not a parameter of layer {lid}; its parameters "
+                        "are " + ", ".join(f"{j}={n}" for j, n in enumerate(names))
+                    )
+                wanted.add(names.index(pid))
+        for i in sorted(wanted):
+            p = named[i][1]
+            out.append((full_names.get(id(p), f"model.layers.{lid}.{named[i][0]}"), p))
+    return out
+
+
+def quantize_linear_layers_(module: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
+    """Replace every nn.Linear inside `module` by a bitsandbytes 4-bit NF4 ('4bit') or LLM.int8
+    ('8bit') layer holding the same weights (quantized when moved to the GPU). Returns the count.
+
+    Used for the frozen prefix only: the trained layers keep the checkpoint's precision.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ConfigError(
+            "4/8-bit loading needs bitsandbytes: pip install 'wmdp_fast[quant]'"
+        ) from exc
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            has_bias = child.bias is not None
+            if mode == "4bit":
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=has_bias,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.to(compute_dtype), requires_grad=False, quant_type="nf4"
+                )
+            elif mode == "8bit":
+                q = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False
+                )
+                q.weight = bnb.nn.Int8Params(
+                    child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
+                )
+            else:
+                raise ConfigError(f"quantization mode must be '4bit' or '8bit', got {mode!r}")
+            if has_bias:
+                q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(module, name, q)
+            count += 1
+        else:
+            count += quantize_linear_layers_(child, mode, compute_dtype)
+    return count
+
+
+def resolve_checkpoint_dir(name_or_path: str) -> Path:
+    """The local directory holding the checkpoint files (a local path, or the hub snapshot)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path))
+    except Exception as exc:
+        raise ModelError(
+            f"cannot find the checkpoint files of {name_or_path!r} ({exc}); pass a local "
+            "directory as --model_name_or_path"
+        ) from exc
+
+
+def _weight_map(src: Path) -> dict[str, str]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return json.loads(index.read_text())["weight_map"]
+    single = src / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as fh:
+            return {k: "model.safetensors" for k in fh.keys()}
+    raise ModelError(
+        f"{src} holds no model.safetensors(.index.json): only safetensors checkpoints can be "
+        "saved with replaced tensors; convert it with save_pretrained(safe_serialization=True)"
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src.resolve(), dst)  # safetensors files are never modified in place
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_updated_checkpoint(
+    src_dir: str | Path, out_dir: str | Path, updated: dict[str, torch.Tensor]
+) -> list[str]:
+    """Write the checkpoint in `src_dir` to `out_dir` with only the tensors in `updated`
+    (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards are
+    hard-linked (or copied), config and tokenizer files copied, other weight formats skipped.
+    `out_dir` is created if needed (the caller renames it into place). Returns the rewritten shards.
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    wmap = _weight_map(src)
+    missing = [k for k in updated if k not in wmap]
+    if missing:
+        raise ModelError(
+            f"the updated tensors {missing} are not in the checkpoint {src} (its keys look like "
+            f"{next(iter(wmap))!r}); the model's parameter names differ from the stored ones"
+        )
+    shards = {wmap[k] for k in updated}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        if f.name in shards:
+            tensors, metadata = {}, None
+            with safe_open(str(f), "pt") as fh:
+                metadata = fh.metadata()
+                for k in fh.keys():
+                    t = fh.get_tensor(k)
+                    if k in updated:
+                        new = updated[k].detach().to("cpu")
+                        if new.shape != t.shape:
+                            raise ModelError(
+                                f"{k}: updated shape {tuple(new.shape)} != stored {tuple(t.shape)}"
+                            )
+                        t = new.to(t.dtype).contiguous()
+                    tensors[k] = t
+            save_file(tensors, str(out / f.name), metadata=metadata)
+        elif f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
+            _link_or_copy(f, out / f.name)
+        elif f.name.endswith(_FOREIGN_WEIGHT_SUFFIXES) or f.name.endswith(".bin.index.json"):
+            log.info("not copying %s (weights in another format would hold the old values)", f.name)
+        else:
+            shutil.copy2(f, out / f.name)
+    return sorted(shards)

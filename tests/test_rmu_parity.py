@@ -1,0 +1,270 @@
+"""Parity of the RMU engine with a straightforward implementation of the published loop.
+
+`published_rmu` below is the WMDP repository's `rmu/unlearn.py` reduced to its arithmetic: two
+model copies, full forward passes, a forward hook on layer `layer_id`, `F.mse_loss` (padding
+included), torch AdamW (eps 1e-6, weight decay 0). It reads the corpora itself (the published
+`get_data`), so the engine's corpus reading is checked too. Everything runs in float32 on the CPU
+on tiny random-weight models with the real Mistral tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from wmdp_fast.rmu import RMUConfig, run_rmu
+from wmdp_fast.testing import make_tiny_model
+
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega river mountain protein enzyme virus network packet "
+    "exploit kernel buffer overflow cell membrane"
+).split()
+
+
+def _doc(rng: torch.Generator, n_words: int) -> str:
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=rng).tolist()
+    return " ".join(WORDS[i] for i in idx)
+
+
+def write_corpora(d: Path, n_docs: int = 12, long_words: int = 0, seed: int = 0) -> Path:
+    """bio (JSON text), cyber (raw lines: JSON objects whose raw line is the text in exact mode)
+    and wikitext (JSONL of {"text"}, with empty lines as in wikitext-2-raw-v1)."""
+    rng = torch.Generator().manual_seed(seed)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def n(i):
+        return (
+            long_words
+            if (long_words and i % 3 == 0)
+            else int(torch.randint(3, 40, (1,), generator=rng))
+        )
+
+    with open(d / "bio-forget-corpus.jsonl", "w") as fh:
+        for i in range(n_docs):
+            fh.write(json.dumps({"text": _doc(rng, n(i)), "title": f"doc {i}"}) + "\n")
+    with open(d / "cyber-forget-corpus.jsonl", "w") as fh:
+        for i in range(n_docs):
+            fh.write(json.dumps({"text": _doc(rng, n(i))}) + "\n")
+    with open(d / "wikitext.jsonl", "w") as fh:
+        for i in range(2 * n_docs):
+            text = (
+                ""
+                if i % 4 == 1
+                else " " + _doc(rng, int(torch.randint(2, 30, (1,), generator=rng))) + " \n"
+            )
+            fh.write(json.dumps({"text": text}) + "\n")
+    return d
+
+
+def published_get_data(corpus_dir, forget_corpora, retain_corpora, min_len, batch_size):
+    def get_dataset(name):
+        data = []
+        for line in open(Path(corpus_dir) / f"{name}.jsonl"):
+            if name == "wikitext" or "bio-forget-corpus" in name:
+                raw_text = json.loads(line)["text"]
+            else:
+                raw_text = line
+            if len(raw_text) > min_len:
+                data.append(str(raw_text))
+        return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+
+    return [get_dataset(c) for c in forget_corpora], [get_dataset(c) for c in retain_corpora]
+
+
+def published_rmu(model_dir, cfg: RMUConfig, control_vecs):
+    """The published loop; returns ({param name: tensor}, [(loss, forget, retain)])."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    updated = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
+    tok.pad_token_id = tok.eos_token_id
+    tok.padding_side = "left"
+    tok.truncation_side = "right"
+    forget, retain = published_get_data(
+        cfg.corpus_dir, cfg.forget_corpora, cfg.retain_corpora, cfg.min_len, cfg.batch_size
+    )
+    updated.train()
+    params, names = [], []
+    for lid in cfg.layer_ids:
+        for i, (n, p) in enumerate(updated.model.layers[lid].named_parameters()):
+            if i in cfg.param_ids:
+                params.append(p)
+                names.append(f"model.layers.{lid}.{n}")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-6, weight_decay=0.0)
+    frozen_module = frozen.model.layers[cfg.layer_id]
+    updated_module = updated.model.layers[cfg.layer_id]
+
+    def forward_with_cache(model, inputs, module, no_grad):
+        cache = []
+
+        def hook(mod, inp, out):
+            cache.append(out[0] if isinstance(out, tuple) else out)
+
+        h = module.register_forward_hook(hook)
+        if no_grad:
+            with torch.no_grad():
+                model(**inputs)
+        else:
+            model(**inputs)
+        h.remove()
+        return cache[0]
+
+    num_batches = min(cfg.max_num_batches, min(len(f) for f in forget), min(len(r) for r in retain))
+    losses = []
+    for idx in range(num_batches):
+        topic_idx = idx % len(forget)
+        batch_idx = idx // len(forget)
+        max_length = 512 if topic_idx == 0 else 768
+        f_in = tok(
+            forget[topic_idx][batch_idx],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        h_f = forward_with_cache(updated, f_in, updated_module, no_grad=False)
+        unlearn_loss = F.mse_loss(h_f, control_vecs[topic_idx])
+        r_in = tok(
+            retain[topic_idx][batch_idx],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=512,
+        )
+        h_r = forward_with_cache(updated, r_in, updated_module, no_grad=False)
+        h_r0 = forward_with_cache(frozen, r_in, frozen_module, no_grad=True)
+        retain_loss = F.mse_loss(h_r, h_r0) * cfg.alpha[topic_idx]
+        loss = unlearn_loss + retain_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append((loss.item(), unlearn_loss.item(), retain_loss.item()))
+    return {n: p.detach().clone() for n, p in zip(names, params)}, losses
+
+
+def control_vectors_file(path: Path, K: int, D: int, coeffs, seed: int = 42) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    cvs = []
+    for c in coeffs:
+        u = torch.rand(1, 1, D)
+        cvs.append(u / torch.norm(u) * c)
+    save_file({"control_vectors": torch.cat([c.reshape(1, -1) for c in cvs])}, str(path))
+    return cvs
+
+
+def tiny_cfg(tmp: Path, model_dir: Path, corpus_dir: Path, K: int = 1, **kw) -> RMUConfig:
+    forget = ["bio-forget-corpus", "cyber-forget-corpus"][:K]
+    base = dict(
+        model_name_or_path=str(model_dir),
+        layer_id=2,
+        layer_ids=[1, 2],
+        param_ids=[6],
+        steering_coeffs=[20.0] * K,
+        alpha=[10.0] * K,
+        lr=1e-3,
+        batch_size=2,
+        max_num_batches=6,
+        forget_corpora=forget,
+        retain_corpora=["wikitext"] * K,
+        corpus_dir=str(corpus_dir),
+        output_dir=str(tmp / "out"),
+        device="cpu",
+        dtype="float32",
+    )
+    base.update(kw)
+    return RMUConfig(**base)
+
+
+def assert_parity(result, ref_params, ref_losses, model_dir):
+    orig = load_file(str(Path(model_dir) / "model.safetensors"))
+    assert set(result.params) == set(ref_params)
+    for name, ref in ref_params.items():
+        got = result.params[name]
+        delta_ref = ref - orig[name]
+        assert delta_ref.abs().max() > 1e-4, f"{name} barely moved: the test would be vacuous"
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        rel = (got - orig[name] - delta_ref).norm() / delta_ref.norm()
+        assert rel < 1e-3, f"{name}: update differs from the published loop by {rel:.2e} (relative)"
+    got_losses = [(r["loss"], r["forget_loss"], r["retain_loss"]) for r in result.report["losses"]]
+    assert len(got_losses) == len(ref_losses)
+    torch.testing.assert_close(
+        torch.tensor(got_losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6
+    )
+    # the saved checkpoint: trained tensors replaced, every other tensor untouched
+    saved = load_file(str(result.output_dir / "model.safetensors"))
+    assert set(saved) == set(orig)
+    for k, v in orig.items():
+        if k in ref_params:
+            torch.testing.assert_close(saved[k], result.params[k], rtol=0, atol=0)
+        else:
+            assert torch.equal(saved[k], v), k
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama"])
+def test_parity_one_topic(tmp_path, arch):
+    model_dir = make_tiny_model(tmp_path / "model", arch=arch)
+    corpus = write_corpora(tmp_path / "corpora")
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1)
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False)
+    ref_params, ref_losses = published_rmu(model_dir, cfg, cvs)
+    assert [p["name"] for p in result.report["params_updated"]] == [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    ]
+    assert ref_losses[0][2] == 0.0 and result.report["losses"][0]["retain_loss"] == 0.0
+    assert_parity(result, ref_params, ref_losses, model_dir)
+
+
+def test_parity_qwen2_param_index_shift(tmp_path):
+    """Qwen2's q/k/v biases shift mlp.down_proj.weight to index 9; selecting it by name and by
+    index must train the same tensor as the published index-based selection."""
+    model_dir = make_tiny_model(tmp_path / "model", arch="qwen2")
+    corpus = write_corpora(tmp_path / "corpora")
+    cfg = tiny_cfg(
+        tmp_path, model_dir, corpus, K=1, param_ids=["mlp.down_proj.weight"], max_num_batches=4
+    )
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False)
+    ref_cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, param_ids=[9], max_num_batches=4)
+    ref_params, ref_losses = published_rmu(model_dir, ref_cfg, cvs)
+    assert set(ref_params) == {f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)}
+    assert_parity(result, ref_params, ref_losses, model_dir)
+
+
+@pytest.mark.slow
+def test_parity_two_topics_interleaved_512_768(tmp_path):
+    """Two forget topics (bio: JSON text, cyber: the raw line), interleaved k = idx % 2, with
+    documents long enough that topic 0 is cut at 512 tokens and topic 1 at 768."""
+    model_dir = make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3)
+    corpus = write_corpora(tmp_path / "corpora", n_docs=8, long_words=700)
+    cfg = tiny_cfg(
+        tmp_path,
+        model_dir,
+        corpus,
+        K=2,
+        max_num_batches=4,
+        alpha=[10.0, 30.0],
+        steering_coeffs=[20.0, 10.0],
+        layer_id=1,
+        layer_ids=[0, 1],
+    )
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 2, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False, keep_cache=True)
+    ref_params, ref_losses = published_rmu(model_dir, cfg, cvs)
+    assert_parity(result, ref_params, ref_losses, model_dir)
+    cache = result.cache
+    lengths = [cache.entries[i].hidden.shape[1] for i in cache.forget_index]
+    assert lengths[0] == 512 and lengths[1] == 768, lengths  # steps 0, 1: topic 0, topic 1
+    # the published code cuts wikitext batches at 512 and shares them between the topics
+    assert cache.retain_index[0] == cache.retain_index[1]

@@ -1,0 +1,453 @@
+"""Activation cache for RMU: the inputs of decoder layer `first = min(layer_ids)`.
+
+Everything below `first` is frozen, so its output on a given batch is a constant. We capture,
+once per distinct batch, exactly what the model passes to layer `first` (the hidden states AND
+the keyword arguments: attention mask, rotary position embeddings, position ids) with a forward
+pre-hook (`with_kwargs=True`), stop the forward there with a private exception, and later replay
+layers `first..layer_id` on it. The model is called with `use_cache=False` so that no KV cache
+ends up in the captured arguments.
+
+Storage: on the GPU, in (pinned) CPU memory, and optionally on disk as safetensors + a JSON
+metadata file (never pickle). A disk cache lives in `<cache_dir>/<fingerprint[:24]>/` where the
+fingerprint hashes everything that determines the activations (model config and weights of the
+prefix, tokenizer, texts, lengths, layer, dtype, device type, quantization, format, library
+versions); the metadata also stores a SHA-256 of the tensor file, so a corrupted or truncated
+file is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wmdp_fast.errors import CacheError
+
+log = logging.getLogger("wmdp_fast")
+
+CACHE_VERSION = 1
+CACHE_FORMATS = ("bf16", "int8")
+_TENSOR_FILE = "activations.safetensors"
+_META_FILE = "meta.json"
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the model's forward at layer `first`."""
+
+
+@dataclass
+class CachedBatch:
+    """One tokenized batch as layer `first` sees it.
+
+    hidden: [B, T, D] (model dtype, or int8 with `scale` [B, T, 1] float32 for the int8 format).
+    token_mask: [B, T] int64, the tokenizer's attention mask (1 = real token).
+    kwargs: the keyword arguments the model passed to the layer (tensors, tuples of tensors,
+        None, bools, numbers, strings).
+    """
+
+    hidden: torch.Tensor
+    token_mask: torch.Tensor
+    kwargs: dict
+    scale: torch.Tensor | None = None
+
+    def to(
+        self, device, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> CachedBatch:
+        """A copy on `device` (the int8 format is dequantized to `dtype` there)."""
+
+        def mv(x):
+            if isinstance(x, torch.Tensor):
+                return x.to(device, non_blocking=non_blocking)
+            if isinstance(x, tuple):
+                return tuple(mv(v) for v in x)
+            return x
+
+        hidden = mv(self.hidden)
+        if self.scale is not None:
+            hidden = (hidden.float() * mv(self.scale)).to(dtype or torch.bfloat16)
+        return CachedBatch(hidden, mv(self.token_mask), {k: mv(v) for k, v in self.kwargs.items()})
+
+    def nbytes(self) -> int:
+        def nb(x):
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            if isinstance(x, tuple):
+                return sum(nb(v) for v in x)
+            return 0
+
+        return (
+            nb(self.hidden)
+            + nb(self.token_mask)
+            + nb(self.scale)
+            + sum(nb(v) for v in self.kwargs.values())
+        )
+
+
+@dataclass
+class ActivationCache:
+    """Distinct batches (`entries`) and, per training step, which entry is its forget batch and
+    which its retain batch."""
+
+    entries: list[CachedBatch]
+    forget_index: list[int]
+    retain_index: list[int]
+    fingerprint: str
+    info: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes() for e in self.entries)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _h() -> hashlib._Hash:
+    return hashlib.sha256()
+
+
+def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
+    """A hash of a tensor: all bytes when it has at most `full_limit` elements; otherwise its
+    shape, dtype, float64 sum and absolute sum, and a strided sample of 65,536 elements (hashing
+    gigabytes of weights on every run would cost seconds)."""
+    h = _h()
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+    flat = t.reshape(-1)
+    if flat.numel() <= full_limit:
+        h.update(flat.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    else:
+        f64 = flat.to(torch.float64)
+        h.update(f"{f64.sum().item()!r}|{f64.abs().sum().item()!r}".encode())
+        step = max(1, flat.numel() // 65536)
+        h.update(flat[::step].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_prefix_fingerprint(model, first: int) -> str:
+    """Hash of the model config and of every parameter/buffer that the inputs of layer `first`
+    depend on: everything outside `model.model.layers`, plus layers 0..first-1."""
+    from wmdp_fast.models import get_decoder_layers
+
+    h = _h()
+    cfg = model.config.to_dict()
+    cfg.pop("_name_or_path", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    layers = get_decoder_layers(model)
+    skip = {id(p) for i in range(first, len(layers)) for p in layers[i].parameters()}
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        skip |= {id(p) for p in lm_head.parameters()}
+    norm = getattr(model.model, "norm", None)
+    if norm is not None:
+        skip |= {id(p) for p in norm.parameters()}
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in skip or p.device.type == "meta":
+            continue
+        h.update(name.encode())
+        h.update(tensor_fingerprint(p).encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary, special tokens, padding/truncation sides and a probe encoding."""
+    h = _h()
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps(vocab).encode())
+    probe = tokenizer(["Hello world, a probe.", "x"], padding=True)
+    h.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                tokenizer.padding_side,
+                tokenizer.truncation_side,
+                tokenizer.pad_token_id,
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                probe["input_ids"],
+                probe["attention_mask"],
+            ]
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def data_fingerprint(batches: Sequence[tuple[Sequence[str], int]]) -> str:
+    """Hash of the distinct (texts, max_length) batches in order."""
+    h = _h()
+    for texts, max_length in batches:
+        h.update(f"|{max_length}|{len(texts)}|".encode())
+        for t in texts:
+            b = t.encode("utf-8", "surrogatepass")
+            h.update(f"{len(b)}:".encode())
+            h.update(b)
+    return h.hexdigest()
+
+
+def combine_fingerprint(components: dict) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def _check_kwarg(name: str, value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(v.detach() for v in value)
+    raise CacheError(
+        f"the model passes keyword argument {name!r} of type {type(value).__name__} to its "
+        "decoder layers; the activation cache only stores tensors, tuples of tensors and plain "
+        "values (is a KV cache enabled? the capture runs with use_cache=False)"
+    )
+
+
+def _store(x, storage: torch.device, pin: bool):
+    if isinstance(x, torch.Tensor):
+        y = x.to(storage)
+        return y.pin_memory() if pin else y
+    if isinstance(x, tuple):
+        return tuple(_store(v, storage, pin) for v in x)
+    return x
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model,
+    tokenizer,
+    batches: Sequence[tuple[Sequence[str], int]],
+    layer: int,
+    device: torch.device,
+    storage: torch.device,
+    fmt: str = "bf16",
+    progress: bool = True,
+    prefix_layers_on_cpu: bool = False,
+) -> list[CachedBatch]:
+    """Run the model on every (texts, max_length) batch and capture the inputs of decoder layer
+    `layer` (hidden states + keyword arguments), stopping the forward there.
+
+    With `prefix_layers_on_cpu` (--offload) the capture stops at layer 0, and layers
+    0..layer-1 are then streamed through `device` one at a time over all batches.
+    Returns one CachedBatch per input batch, stored on `storage` (pinned when CPU and CUDA
+    is in use).
+    """
+    from tqdm.auto import tqdm
+
+    from wmdp_fast.models import get_decoder_layers
+
+    if fmt not in CACHE_FORMATS:
+        raise CacheError(f"--cache-format must be one of {CACHE_FORMATS}, got {fmt!r}")
+    layers = get_decoder_layers(model)
+    stop_at = 0 if prefix_layers_on_cpu else layer
+    pin = storage.type == "cpu" and device.type == "cuda"
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured["hidden"] = hidden.detach()
+        captured["kwargs"] = {k: _check_kwarg(k, v) for k, v in kwargs.items()}
+        raise _StopForward
+
+    out: list[CachedBatch] = []
+    handle = layers[stop_at].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for texts, max_length in tqdm(
+            batches, desc=f"caching inputs of layer {layer}", disable=not progress, unit="batch"
+        ):
+            enc = tokenizer(
+                list(texts),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            ).to(device)
+            captured.clear()
+            try:
+                model(**enc, use_cache=False)
+            except _StopForward:
+                pass
+            if "hidden" not in captured:
+                raise CacheError(f"decoder layer {stop_at} was never called by the model forward")
+            kw = captured["kwargs"]
+            kw.pop("use_cache", None)
+            kw["use_cache"] = False
+            out.append(
+                CachedBatch(
+                    hidden=captured["hidden"],
+                    token_mask=enc["attention_mask"].detach(),
+                    kwargs=kw,
+                )
+            )
+    finally:
+        handle.remove()
+
+    if prefix_layers_on_cpu and layer > 0:
+        for li in tqdm(range(layer), desc="streaming prefix layers", disable=not progress):
+            layer_mod = layers[li].to(device)
+            for e in out:
+                h = layer_mod(e.hidden.to(device), **e.kwargs)
+                e.hidden = h[0] if isinstance(h, tuple) else h
+            layers[li].to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    stored = []
+    for e in out:
+        hidden, scale = e.hidden, None
+        if fmt == "int8":
+            from wmdp_fast.ops import pack_activations
+
+            packed = pack_activations(hidden, "int8")
+            hidden, scale = packed.data, packed.scale
+            scale = scale.reshape(*hidden.shape[:-1], 1)
+        stored.append(
+            CachedBatch(
+                hidden=_store(hidden, storage, pin),
+                token_mask=_store(e.token_mask, storage, pin),
+                kwargs={k: _store(v, storage, pin) for k, v in e.kwargs.items()},
+                scale=_store(scale, storage, pin) if scale is not None else None,
+            )
+        )
+    return stored
+
+
+# --------------------------------------------------------------------------- disk
+
+
+def _sha256_file(path: Path) -> str:
+    h = _h()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, fingerprint: str) -> Path:
+    return Path(cache_dir) / fingerprint[:24]
+
+
+def save_cache(cache: ActivationCache, cache_dir: str | Path, components: dict) -> Path:
+    """Write the cache to `<cache_dir>/<fingerprint[:24]>/` (safetensors + meta.json, both
+    written to temporary files and renamed; meta.json last, so its presence means complete)."""
+    from safetensors.torch import save_file
+
+    root = cache_path(cache_dir, cache.fingerprint)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    entries_meta = []
+    for i, e in enumerate(cache.entries):
+        tensors[f"e{i}.hidden"] = e.hidden.contiguous().cpu()
+        tensors[f"e{i}.token_mask"] = e.token_mask.contiguous().cpu()
+        if e.scale is not None:
+            tensors[f"e{i}.scale"] = e.scale.contiguous().cpu()
+        kw_meta = {}
+        for k, v in e.kwargs.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"e{i}.kw.{k}"] = v.contiguous().cpu()
+                kw_meta[k] = {"kind": "tensor"}
+            elif isinstance(v, tuple):
+                for j, t in enumerate(v):
+                    tensors[f"e{i}.kw.{k}.{j}"] = t.contiguous().cpu()
+                kw_meta[k] = {"kind": "tuple", "n": len(v)}
+            else:
+                kw_meta[k] = {"kind": "value", "value": v}
+        entries_meta.append({"kwargs": kw_meta, "int8": e.scale is not None})
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"wmdp_fast_cache": str(CACHE_VERSION)})
+        digest = _sha256_file(Path(tmp))
+        os.replace(tmp, root / _TENSOR_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta = {
+        "version": CACHE_VERSION,
+        "fingerprint": cache.fingerprint,
+        "components": components,
+        "sha256": digest,
+        "entries": entries_meta,
+        "forget_index": cache.forget_index,
+        "retain_index": cache.retain_index,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(meta, fh, indent=1)
+    os.replace(tmp, root / _META_FILE)
+    return root
+
+
+def load_cache(
+    cache_dir: str | Path, fingerprint: str, storage: torch.device, pin: bool = False
+) -> ActivationCache | None:
+    """The cache for `fingerprint` from disk, or None when absent, stale or corrupted (logged;
+    the caller rebuilds and overwrites it)."""
+    from safetensors.torch import load_file
+
+    root = cache_path(cache_dir, fingerprint)
+    meta_file, tensor_file = root / _META_FILE, root / _TENSOR_FILE
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("activation cache %s: unreadable metadata (%s); rebuilding", meta_file, exc)
+        return None
+    if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
+        log.warning("activation cache %s is stale (other settings); rebuilding", root)
+        return None
+    if not tensor_file.is_file():
+        log.warning("activation cache %s: %s missing; rebuilding", root, _TENSOR_FILE)
+        return None
+    digest = _sha256_file(tensor_file)
+    if digest != meta.get("sha256"):
+        log.warning(
+            "activation cache %s is corrupted (SHA-256 %s..., expected %s...); rebuilding",
+            tensor_file,
+            digest[:12],
+            str(meta.get("sha256"))[:12],
+        )
+        return None
+    try:
+        tensors = load_file(str(tensor_file))
+        entries = []
+        for i, em in enumerate(meta["entries"]):
+            kwargs = {}
+            for k, spec in em["kwargs"].items():
+                if spec["kind"] == "tensor":
+                    kwargs[k] = _store(tensors[f"e{i}.kw.{k}"], storage, pin)
+                elif spec["kind"] == "tuple":
+                    kwargs[k] = tuple(
+                        _store(tensors[f"e{i}.kw.{k}.{j}"], storage, pin) for j in range(spec["n"])
+                    )
+                else:
+                    kwargs[k] = spec["value"]
+            entries.append(
+                CachedBatch(
+                    hidden=_store(tensors[f"e{i}.hidden"], storage, pin),
+                    token_mask=_store(tensors[f"e{i}.token_mask"], storage, pin),
+                    kwargs=kwargs,
+                    scale=_store(tensors[f"e{i}.scale"], storage, pin) if em["int8"] else None,
+                )
+            )
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        log.warning("activation cache %s unreadable (%s); rebuilding", root, exc)
+        return None
+    return ActivationCache(
+        entries=entries,
+        forget_index=list(meta["forget_index"]),
+        retain_index=list(meta["retain_index"]),
+        fingerprint=fingerprint,
+        info={"path": str(root), "hit": True},
+    )

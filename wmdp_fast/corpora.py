@@ -1,0 +1,157 @@
+"""Forget and retain corpora for RMU, read exactly as the published script read them.
+
+- `wikitext`: wikitext-2-raw-v1, split `test`, from the Hugging Face hub (`datasets`), or offline
+  from `DIR/wikitext.jsonl` (one `{"text": ...}` object per line).
+- a name containing `bio-forget-corpus`: one JSON object per line, text = `obj["text"]`.
+- every other corpus: in exact mode the RAW LINE is the text (newline included), a quirk of the
+  published code; in clean mode the JSON `text` field is parsed.
+- a document is kept when `len(text) > min_len`; the corpus is cut into consecutive batches of
+  `batch_size` documents in file order (the last batch may be short).
+
+Corpora other than wikitext are read from `DIR/<name>.jsonl` (default DIR: `data`, as the
+published script).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from wmdp_fast.errors import ConfigError, DataError
+
+log = logging.getLogger("wmdp_fast")
+
+MODES = ("exact", "clean")
+
+
+def _read_jsonl_text(path: Path, parse: bool) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not parse:
+                docs.append(line)
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one "
+                    '{"text": ...} object per line'
+                ) from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(
+                    f'{path}:{lineno}: expected a JSON object with a string "text" field'
+                )
+            docs.append(obj["text"])
+    return docs
+
+
+def _wikitext_from_hub() -> list[str]:
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise ConfigError(
+            "wikitext from the hub needs `pip install datasets`; or pass --corpus-dir DIR with "
+            "DIR/wikitext.jsonl"
+        ) from exc
+    try:
+        raw = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as exc:  # network, auth, missing dataset: all end the same way
+        raise DataError(
+            f"cannot load wikitext-2-raw-v1 from the hub ({exc}); pass --corpus-dir DIR with "
+            'DIR/wikitext.jsonl (one {"text": ...} per line) to run offline'
+        ) from exc
+    return [str(x["text"]) for x in raw]
+
+
+def load_corpus(
+    name: str,
+    corpus_dir: str | Path | None = None,
+    min_len: int = 0,
+    mode: str = "exact",
+) -> list[str]:
+    """The documents of corpus `name` (after the `len(text) > min_len` filter), in file order."""
+    if mode not in MODES:
+        raise ConfigError(f"corpus mode must be one of {MODES}, got {mode!r}")
+    if not name or "/" in name or "\\" in name:
+        raise ConfigError(f"corpus name {name!r} is invalid: give a bare name such as 'wikitext'")
+    if name == "wikitext" and corpus_dir is None:
+        docs = _wikitext_from_hub()
+        where = "wikitext-2-raw-v1 (hub)"
+    else:
+        base = Path(corpus_dir) if corpus_dir is not None else Path("data")
+        path = base / f"{name}.jsonl"
+        if not path.is_file():
+            known = sorted(p.stem for p in base.glob("*.jsonl")) if base.is_dir() else []
+            raise DataError(
+                f"corpus {name!r}: {path} does not exist"
+                + (f" (available in {base}: {', '.join(known)})" if known else "")
+                + "; pass --corpus-dir DIR holding <name>.jsonl (one document per line)"
+            )
+        parse = name == "wikitext" or "bio-forget-corpus" in name or mode == "clean"
+        docs = _read_jsonl_text(path, parse=parse)
+        where = str(path)
+    kept = [str(t) for t in docs if len(t) > min_len]
+    if not kept:
+        raise DataError(
+            f"corpus {name!r} ({where}) has no document longer than --min_len {min_len}"
+        )
+    log.info("corpus %s: %d documents from %s", name, len(kept), where)
+    return kept
+
+
+def batched(docs: list[str], batch_size: int) -> list[list[str]]:
+    """Consecutive batches of `batch_size` documents in order (the last one may be short)."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
+    return [docs[i : i + batch_size] for i in range(0, len(docs), batch_size)]
+
+
+def load_corpora(
+    forget_corpora: list[str],
+    retain_corpora: list[str],
+    batch_size: int,
+    max_num_batches: int,
+    corpus_dir: str | Path | None = None,
+    min_len: int = 0,
+    mode: str = "exact",
+) -> tuple[list[list[list[str]]], list[list[list[str]]], int]:
+    """(forget batches per topic, retain batches per topic, num_batches) as the published script.
+
+    num_batches = min(max_num_batches, #batches of every forget and retain corpus). A corpus with
+    fewer batches than requested is not an error: the run is shortened and a warning says so.
+    """
+    if not forget_corpora:
+        raise ConfigError("--forget_corpora is empty: name at least one forget corpus")
+    if len(retain_corpora) != len(forget_corpora):
+        raise ConfigError(
+            f"--retain_corpora has {len(retain_corpora)} entries but --forget_corpora has "
+            f"{len(forget_corpora)}: give one retain corpus per forget topic"
+        )
+    if max_num_batches < 1:
+        raise ConfigError(f"--max_num_batches must be >= 1, got {max_num_batches}")
+    cache: dict[str, list[str]] = {}
+
+    def get(name: str) -> list[list[str]]:
+        if name not in cache:
+            cache[name] = load_corpus(name, corpus_dir, min_len, mode)
+        return batched(cache[name], batch_size)
+
+    forget = [get(n) for n in forget_corpora]
+    retain = [get(n) for n in retain_corpora]
+    counts = {f"forget {n}": len(b) for n, b in zip(forget_corpora, forget)}
+    counts.update({f"retain {n}": len(b) for n, b in zip(retain_corpora, retain)})
+    num_batches = min(max_num_batches, *counts.values())
+    if num_batches < max_num_batches:
+        short = ", ".join(f"{k} has {v}" for k, v in counts.items() if v < max_num_batches)
+        log.warning(
+            "--max_num_batches %d requested but %s batches of %d: running %d steps",
+            max_num_batches,
+            short,
+            batch_size,
+            num_batches,
+        )
+    return forget, retain, num_batches

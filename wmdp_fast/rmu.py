@@ -1,0 +1,975 @@
+"""RMU unlearning (Li et al. 2024, the WMDP paper), the published recipe computed fast.
+
+What is computed is the published loop (see shared spec Part 1): for step `idx`, topic
+`k = idx % K`, batch `b = idx // K`,
+    loss = mse(h_{layer_id}(F_k[b]), c_k * u_k / |u_k|) + alpha_k * mse(h_{layer_id}(R_k[b]), h0)
+with forget batches tokenized to 512 tokens for topic 0 and 768 otherwise, retain batches to
+512, padding included in the means, AdamW (eps 1e-6, no weight decay) on the selected tensors.
+
+How (Part 2): the inputs of layer `first = min(layer_ids)` are cached once (`wmdp_fast.cache`),
+the frozen model's retain outputs are computed once from the ORIGINAL layers `first..layer_id`
+on those inputs, and each step replays only layers `first..layer_id`, forward and backward.
+There is no second model copy and nothing above `layer_id` is ever computed.
+
+`RMUConfig` holds every setting (defaults: the published Zephyr-7B run); `run_rmu(config)` does
+the whole job (load, data, cache, train, save, report) and returns an `RMUResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wmdp_fast.errors import ConfigError, ResourceError, TrainingError, WmdpFastError
+
+log = logging.getLogger("wmdp_fast")
+
+FORGET_MAX_LENGTH_TOPIC0 = 512
+FORGET_MAX_LENGTH_OTHER = 768
+RETAIN_MAX_LENGTH = 512
+
+
+@dataclass
+class RMUConfig:
+    """Every RMU setting. Defaults are the published Zephyr-7B-beta recipe (WMDP paper)."""
+
+    model_name_or_path: str = "HuggingFaceH4/zephyr-7b-beta"
+    layer_id: int = 7
+    layer_ids: list[int] = field(default_factory=lambda: [5, 6, 7])
+    param_ids: list[int | str] = field(default_factory=lambda: [6])
+    steering_coeffs: list[float] = field(default_factory=lambda: [6.5, 6.5])
+    alpha: list[float] = field(default_factory=lambda: [1200.0, 1200.0])
+    lr: float = 5e-5
+    min_len: int = 0
+    max_len: int = 2000  # accepted like the published script, which never uses it
+    batch_size: int = 4
+    max_num_batches: int = 150
+    forget_corpora: list[str] = field(
+        default_factory=lambda: ["bio-forget-corpus", "cyber-forget-corpus"]
+    )
+    retain_corpora: list[str] = field(default_factory=lambda: ["wikitext", "wikitext"])
+    seed: int = 42
+    output_dir: str | None = None
+    verbose: bool = False
+    # added (wmdp_fast)
+    corpus_dir: str | None = None
+    corpus_mode: str = "exact"  # exact: raw lines for non-bio corpora; clean: parse JSON text
+    control_vectors: str | None = None
+    mask_padding: bool = False
+    optimizer_dtype: str = "model"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    offload: bool = False
+    cache_dir: str | None = None
+    cache_format: str = "bf16"
+    cache_device: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_data_dir: str | None = None
+    eval_limit: int | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        """Check what can be checked without the model (ConfigError naming the flag)."""
+        K = len(self.forget_corpora)
+        if K == 0:
+            raise ConfigError("--forget_corpora is empty")
+        for name, vals in (
+            ("--steering_coeffs", self.steering_coeffs),
+            ("--alpha", self.alpha),
+            ("--retain_corpora", self.retain_corpora),
+        ):
+            if len(vals) != K:
+                raise ConfigError(
+                    f"{name} has {len(vals)} entries but --forget_corpora has {K}: give one per "
+                    "forget topic, comma-separated"
+                )
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_num_batches < 1:
+            raise ConfigError(f"--max_num_batches must be >= 1, got {self.max_num_batches}")
+        if self.optimizer_dtype not in ("model", "float32"):
+            raise ConfigError("--optimizer-dtype must be 'model' or 'float32'")
+        if self.cache_format not in ("bf16", "int8"):
+            raise ConfigError("--cache-format must be 'bf16' or 'int8'")
+        if self.cache_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("--cache-device must be auto, cpu or cuda")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+        if (self.load_in_4bit or self.load_in_8bit) and self.offload:
+            raise ConfigError("--offload streams the exact prefix; do not combine it with 4/8-bit")
+        if self.checkpoint_every < 0:
+            raise ConfigError("--checkpoint-every must be >= 0")
+        if self.corpus_mode not in ("exact", "clean"):
+            raise ConfigError("--corpus-mode must be 'exact' or 'clean'")
+        if min(self.layer_ids) < 0 or self.layer_id < 0:
+            raise ConfigError("layer indices must be >= 0")
+
+    def training_fingerprint(self) -> str:
+        """Hash of the settings that determine the trained weights (for --resume)."""
+        skip = {
+            "output_dir",
+            "verbose",
+            "eval_tasks",
+            "eval_data_dir",
+            "eval_limit",
+            "checkpoint_every",
+            "resume",
+            "overwrite",
+            "cache_dir",
+        }
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class RMUResult:
+    output_dir: Path | None
+    report: dict
+    params: dict[str, torch.Tensor]  # trained tensors (CPU copies), full parameter names
+    cache: object | None = None  # the ActivationCache, with run_rmu(keep_cache=True)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA) and numpy seeds, as the published script."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+
+
+def draw_control_vectors(
+    coeffs: list[float], hidden_size: int, seed: int, device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The published control vectors: after seeding, for each forget corpus in order,
+    `u = torch.rand(1, 1, D)` (uniform [0, 1), model dtype and device), `u / ||u|| * c_k`."""
+    seed_everything(seed)
+    out = []
+    for c in coeffs:
+        u = torch.rand(1, 1, hidden_size, dtype=dtype, device=device)
+        out.append(u / torch.norm(u) * c)
+    return out
+
+
+def load_control_vectors(path: str, K: int, hidden_size: int, device, dtype) -> list[torch.Tensor]:
+    """Control vectors from a safetensors file holding `control_vectors` [K, hidden_size]."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(path)["control_vectors"]
+    except (OSError, KeyError, SafetensorError) as exc:
+        raise ConfigError(
+            f"--control-vectors {path}: cannot read a tensor 'control_vectors' ({exc})"
+        ) from exc
+    if t.dim() == 3:
+        t = t.reshape(t.shape[0], -1)
+    if tuple(t.shape) != (K, hidden_size):
+        raise ConfigError(
+            f"--control-vectors {path}: shape {tuple(t.shape)}, expected [{K}, {hidden_size}] "
+            "(one row per forget corpus)"
+        )
+    return [t[k].reshape(1, 1, -1).to(device=device, dtype=dtype) for k in range(K)]
+
+
+def plan_batches(
+    forget: list[list[list[str]]], retain: list[list[list[str]]], num_batches: int
+) -> tuple[list[tuple[tuple[str, ...], int]], list[int], list[int]]:
+    """Distinct (texts, max_length) batches and, per step, the index of its forget and retain
+    batch (identical retain batches of two topics are cached once)."""
+    K = len(forget)
+    entries: list[tuple[tuple[str, ...], int]] = []
+    seen: dict[tuple[tuple[str, ...], int], int] = {}
+
+    def add(texts, max_length) -> int:
+        key = (tuple(texts), max_length)
+        if key not in seen:
+            seen[key] = len(entries)
+            entries.append(key)
+        return seen[key]
+
+    f_idx, r_idx = [], []
+    for idx in range(num_batches):
+        k, b = idx % K, idx // K
+        fl = FORGET_MAX_LENGTH_TOPIC0 if k == 0 else FORGET_MAX_LENGTH_OTHER
+        f_idx.append(add(forget[k][b], fl))
+        r_idx.append(add(retain[k][b], RETAIN_MAX_LENGTH))
+    return entries, f_idx, r_idx
+
+
+def replay(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Run decoder `layers` in order on `hidden` with the captured keyword arguments."""
+    for layer in layers:
+        out = layer(hidden, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+class _Loader:
+    """Moves cached batches (and retain targets) to the compute device; with a pinned CPU
+    cache and CUDA, the next step's copy runs on a side stream while this step computes."""
+
+    def __init__(self, cache, targets, device, dtype):
+        self.cache, self.targets, self.device, self.dtype = cache, targets, device, dtype
+        first = cache.entries[0].hidden if cache.entries else None
+        self.stream = (
+            torch.cuda.Stream(device)
+            if device.type == "cuda" and first is not None and first.device.type == "cpu"
+            else None
+        )
+        self.pending: dict[int, tuple] = {}
+
+    def _issue(self, step: int):
+        f = self.cache.entries[self.cache.forget_index[step]]
+        r_id = self.cache.retain_index[step]
+        r = self.cache.entries[r_id]
+        t = self.targets[r_id]
+        if self.stream is None:
+            return (
+                f.to(self.device, self.dtype),
+                r.to(self.device, self.dtype),
+                t.to(self.device),
+                None,
+            )
+        with torch.cuda.stream(self.stream):
+            out = (
+                f.to(self.device, self.dtype, non_blocking=True),
+                r.to(self.device, self.dtype, non_blocking=True),
+                t.to(self.device, non_blocking=True),
+            )
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return (*out, ev)
+
+    def get(self, step: int, n_steps: int):
+        item = self.pending.pop(step, None) or self._issue(step)
+        fb, rb, tgt, ev = item
+        if ev is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(ev)
+            for b in (fb, rb):
+                for x in [b.hidden, b.token_mask, *b.kwargs.values()]:
+                    for y in x if isinstance(x, tuple) else (x,):
+                        if isinstance(y, torch.Tensor):
+                            y.record_stream(cur)
+            tgt.record_stream(cur)
+            if step + 1 < n_steps:
+                self.pending[step + 1] = self._issue(step + 1)
+        return fb, rb, tgt
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def estimate_gpu_memory(
+    model,
+    cfg: RMUConfig,
+    first: int,
+    dtype: torch.dtype,
+    max_tokens: int,
+    cache_bytes: int,
+    cache_on_gpu: bool,
+    load_in_4bit: bool | None = None,
+    offload: bool | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Rough upper estimate (bytes) of the GPU memory a run needs, from the model's sizes."""
+    from wmdp_fast.models import get_decoder_layers
+
+    q4 = cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
+    off = cfg.offload if offload is None else offload
+    bs = cfg.batch_size if batch_size is None else batch_size
+    layers = get_decoder_layers(model)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    layer_b = sum(p.numel() for p in layers[0].parameters()) * esize
+    embed_b = model.model.embed_tokens.weight.numel() * esize
+    if off:
+        prefix_b = layer_b
+    elif q4:
+        prefix_b = first * layer_b * 0.3
+    elif cfg.load_in_8bit:
+        prefix_b = first * layer_b * 0.55
+    else:
+        prefix_b = first * layer_b
+    n_train = cfg.layer_id - first + 1
+    trained_b = n_train * layer_b
+    n_sel = len(cfg.layer_ids) * max(1, len(cfg.param_ids))
+    sel_b = n_sel * max(p.numel() for p in layers[0].parameters()) * esize
+    opt_b = sel_b * 2 if cfg.optimizer_dtype == "model" else sel_b // esize * 4 * 3
+    D = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", 4 * D) or 4 * D
+    act_b = 2 * n_train * bs * max_tokens * (12 * D + 4 * inter) * esize
+    cache_b = cache_bytes if cache_on_gpu else 4 * bs * max_tokens * D * esize
+    return int(embed_b + prefix_b + trained_b + opt_b + act_b + cache_b + (256 << 20))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def plot_losses(losses: list[dict], path: Path, title: str = "RMU") -> None:
+    """losses.png: total, forget and retain terms per step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in losses]
+    for key, label in (("loss", "total"), ("forget_loss", "forget"), ("retain_loss", "retain")):
+        vals = [max(r[key], 1e-12) for r in losses]
+        ax.plot(steps, vals, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir_for(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}.rmu-checkpoint"
+
+
+def _save_checkpoint(ckpt: Path, step: int, trainer: _Trainer, losses, fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors, meta = trainer.state_tensors()
+    fd, tmp = tempfile.mkstemp(dir=ckpt, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    save_file(tensors, tmp)
+    h = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+    os.replace(tmp, ckpt / "state.safetensors")
+    state = {
+        "steps_done": step,
+        "config_fingerprint": fingerprint,
+        "losses": losses,
+        "sha256": h,
+        **meta,
+    }
+    _atomic_write_text(ckpt / "state.json", json.dumps(state))
+    log.info("checkpoint after %d steps written to %s", step, ckpt)
+
+
+def _load_checkpoint(ckpt: Path, fingerprint: str):
+    from safetensors.torch import load_file
+
+    sj, st = ckpt / "state.json", ckpt / "state.safetensors"
+    if not sj.is_file() or not st.is_file():
+        raise ConfigError(f"--resume: no checkpoint in {ckpt}; run without --resume")
+    state = json.loads(sj.read_text())
+    if state.get("config_fingerprint") != fingerprint:
+        raise ConfigError(
+            f"--resume: the checkpoint in {ckpt} was written with other settings; rerun with "
+            "the same flags, or without --resume to start over"
+        )
+    if hashlib.sha256(st.read_bytes()).hexdigest() != state.get("sha256"):
+        raise TrainingError(f"--resume: {st} is corrupted (checksum); delete {ckpt} and rerun")
+    return state, load_file(str(st))
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class _Trainer:
+    """The trained tensors, the optimizer, and one RMU step on replayed layers."""
+
+    def __init__(self, model, cfg: RMUConfig, first: int, control_vecs, device):
+        from wmdp_fast.models import get_decoder_layers, select_params
+
+        self.cfg, self.device = cfg, device
+        self.layers = list(get_decoder_layers(model)[first : cfg.layer_id + 1])
+        self.named = select_params(model, cfg.layer_ids, cfg.param_ids)
+        self.params = [p for _, p in self.named]
+        chosen = {id(p) for p in self.params}
+        for layer in self.layers:
+            for p in layer.parameters():
+                p.requires_grad_(id(p) in chosen)
+        self.control_vecs = control_vecs
+        self.master = None
+        opt_params = self.params
+        if cfg.optimizer_dtype == "float32" and any(p.dtype != torch.float32 for p in self.params):
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+            opt_params = self.master
+        self.opt = torch.optim.AdamW(
+            opt_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0
+        )
+
+    def step(self, idx: int, fb, rb, tgt):
+        from wmdp_fast.ops import rmu_loss
+
+        cfg = self.cfg
+        k = idx % len(cfg.forget_corpora)
+        for layer in self.layers:
+            layer.train()
+        h_f = replay(self.layers, fb.hidden, fb.kwargs)
+        h_r = replay(self.layers, rb.hidden, rb.kwargs)
+        total, lf, lr = rmu_loss(
+            h_f,
+            self.control_vecs[k],
+            h_r,
+            tgt,
+            float(cfg.alpha[k]),
+            fb.token_mask if cfg.mask_padding else None,
+            rb.token_mask if cfg.mask_padding else None,
+        )
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.master is not None:
+            for p, m in zip(self.params, self.master):
+                m.grad = p.grad.float()
+                p.grad = None
+        self.opt.step()
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m)
+        return total.detach(), lf.detach(), lr.detach(), h_f.detach(), h_r.detach()
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.params)}
+        if self.master is not None:
+            tensors.update(
+                {f"master.{i}": m.detach().cpu().contiguous() for i, m in enumerate(self.master)}
+            )
+        sd = self.opt.state_dict()
+        for i, st in sd["state"].items():
+            for key, val in st.items():
+                tensors[f"opt.{i}.{key}"] = (
+                    val.detach().cpu().contiguous()
+                    if isinstance(val, torch.Tensor)
+                    else torch.tensor(val)
+                )
+        groups = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+            for g in sd["param_groups"]
+        ]
+        return tensors, {"param_groups": groups, "n_params": len(self.params)}
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"])
+            if self.master is not None:
+                for i, m in enumerate(self.master):
+                    m.copy_(tensors[f"master.{i}"])
+        opt_state: dict[int, dict] = {}
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, i, key = name.split(".", 2)
+                opt_state.setdefault(int(i), {})[key] = t
+        groups = state["param_groups"]
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _resolve_output_dir(cfg: RMUConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    name = Path(cfg.model_name_or_path).name or "model"
+    date = time.strftime("%Y-%m-%d-%H-%M-%S")
+    alpha = ",".join(f"{a:g}" for a in cfg.alpha)
+    return (
+        Path("models")
+        / f"{name}_alpha-{alpha}_batches-{cfg.max_num_batches}_layer-{cfg.layer_id}_{date}"
+    )
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output directory unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--output_dir {out} exists and is not empty; pass --overwrite to replace it or "
+            "choose another directory"
+        )
+
+
+def _evaluate_dir(cfg: RMUConfig, model_dir: str, device, dtype) -> dict:
+    from wmdp_fast.evaluate import evaluate
+    from wmdp_fast.models import load_model, load_tokenizer
+
+    model = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code
+    )
+    tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    res = evaluate(
+        model,
+        tok,
+        list(cfg.eval_tasks),
+        data_dir=cfg.eval_data_dir,
+        limit=cfg.eval_limit,
+        model_name=model_dir,
+    )
+    del model
+    out = {}
+    for name, r in {**res.get("results", {}), **res.get("groups", {})}.items():
+        out[name] = {k: r.get(k) for k in ("acc", "acc_stderr", "n")}
+    return out
+
+
+def run_rmu(
+    cfg: RMUConfig,
+    progress: bool = True,
+    step_callback: Callable[[int, dict], None] | None = None,
+    keep_cache: bool = False,
+) -> RMUResult:
+    """Run RMU as configured and save the result (see the module docstring).
+
+    step_callback(step, losses_row) is called after every completed step (tests use it to
+    simulate an interruption). Raises WmdpFastError subclasses for every user-caused failure;
+    a NaN/inf loss raises TrainingError naming the step and saves no model.
+    """
+    from tqdm.auto import tqdm
+
+    from wmdp_fast import cache as cache_mod
+    from wmdp_fast.corpora import load_corpora
+    from wmdp_fast.models import (
+        get_decoder_layers,
+        load_model,
+        load_tokenizer,
+        quantize_linear_layers_,
+        resolve_checkpoint_dir,
+        resolve_device,
+        resolve_dtype,
+        save_updated_checkpoint,
+        validate_layers,
+    )
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    cfg.validate()
+    out = _resolve_output_dir(cfg)
+    check_output_dir(out, cfg.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_dir_for(out)
+    fingerprint = cfg.training_fingerprint()
+    resume_state = _load_checkpoint(ckpt, fingerprint) if cfg.resume else None
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":
+        log.warning("4/8-bit prefix on %s: bitsandbytes CPU kernels are slow", device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # data first: a missing corpus should fail before a 14 GB model is read
+    t0 = time.perf_counter()
+    forget, retain, num_batches = load_corpora(
+        cfg.forget_corpora,
+        cfg.retain_corpora,
+        cfg.batch_size,
+        cfg.max_num_batches,
+        corpus_dir=cfg.corpus_dir,
+        min_len=cfg.min_len,
+        mode=cfg.corpus_mode,
+    )
+    entries, f_idx, r_idx = plan_batches(forget, retain, num_batches)
+    timings["data_s"] = time.perf_counter() - t0
+
+    eval_before = None
+    if cfg.eval_tasks:
+        t0 = time.perf_counter()
+        eval_before = _evaluate_dir(cfg, cfg.model_name_or_path, device, dtype)
+        timings["eval_before_s"] = time.perf_counter() - t0
+
+    # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
+    t0 = time.perf_counter()
+    src_dir = resolve_checkpoint_dir(cfg.model_name_or_path)
+    tok = load_tokenizer(str(src_dir), trust_remote_code=cfg.trust_remote_code, use_fast=False)
+    if tok.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {src_dir} has no EOS token to pad with")
+    tok.pad_token_id = tok.eos_token_id
+    tok.padding_side = "left"
+    tok.truncation_side = "right"
+    model = load_model(
+        str(src_dir), dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
+    )
+    validate_layers(model, cfg.layer_id, cfg.layer_ids)
+    layers = get_decoder_layers(model)
+    first = min(cfg.layer_ids)
+    layer_types = getattr(model.config, "layer_types", None)
+    if (
+        layer_types
+        and len(set(layer_types[: cfg.layer_id + 1])) > 1
+        and (cfg.offload or first < cfg.layer_id)
+    ):
+        raise ConfigError(
+            f"layers 0..{cfg.layer_id} mix attention types {sorted(set(layer_types[: cfg.layer_id + 1]))}; "
+            "replaying them with one captured mask is not exact (use layer_ids within one type)"
+        )
+    quant = "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else "none")
+    timings["load_s"] = time.perf_counter() - t0
+
+    # cache fingerprint and size
+    D = model.config.hidden_size
+    lengths = []
+    for texts, ml in entries:
+        enc = tok(list(texts), padding=True, truncation=True, max_length=ml)
+        lengths.append((len(texts), len(enc["input_ids"][0])))
+    esize = 1 if cfg.cache_format == "int8" else torch.tensor([], dtype=dtype).element_size()
+    cache_bytes = sum(b * t * D * esize for b, t in lengths)
+    rset = set(r_idx)
+    tsize = torch.tensor([], dtype=dtype).element_size()
+    cache_bytes += sum(b * t * D * tsize for e, (b, t) in enumerate(lengths) if e in rset)
+    max_tokens = max(t for _, t in lengths)
+    if cfg.cache_device == "auto":
+        storage = (
+            device if (device.type != "cuda" or cache_bytes <= (1 << 30)) else torch.device("cpu")
+        )
+    else:
+        storage = torch.device(cfg.cache_device if cfg.cache_device == "cpu" else device)
+    memory = None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        need = estimate_gpu_memory(
+            model, cfg, first, dtype, max_tokens, cache_bytes, storage.type == "cuda"
+        )
+        memory = {"estimated_bytes": need, "free_bytes": int(free)}
+        if need > free:
+            options = []
+            for flag, kw in (
+                ("--load-in-4bit", {"load_in_4bit": True}),
+                ("--offload", {"offload": True}),
+            ):
+                if not (cfg.load_in_4bit or cfg.offload):
+                    n = estimate_gpu_memory(
+                        model, cfg, first, dtype, max_tokens, cache_bytes, False, **kw
+                    )
+                    if n <= free:
+                        options.append(f"{flag} (about {n / 2**30:.1f} GiB)")
+            bs = cfg.batch_size
+            while bs > 1 and not options:
+                bs //= 2
+                n = estimate_gpu_memory(
+                    model,
+                    cfg,
+                    first,
+                    dtype,
+                    max_tokens * bs // cfg.batch_size + 1,
+                    cache_bytes,
+                    False,
+                    load_in_4bit=True,
+                    batch_size=bs,
+                )
+                if n <= free:
+                    options.append(f"--load-in-4bit --batch_size {bs} (about {n / 2**30:.1f} GiB)")
+            raise ResourceError(
+                f"this run needs about {need / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB "
+                f"are free on {device}; "
+                + (f"try {options[0]}" if options else "free GPU memory or use a smaller model")
+            )
+
+    components = {
+        "model": cache_mod.model_prefix_fingerprint(model, first),
+        "tokenizer": cache_mod.tokenizer_fingerprint(tok),
+        "data": cache_mod.data_fingerprint(entries),
+        "index": hashlib.sha256(json.dumps([f_idx, r_idx]).encode()).hexdigest(),
+        "layer": first,
+        "dtype": str(dtype),
+        "device_type": device.type,
+        "quantization": quant,
+        "format": cfg.cache_format,
+        "versions": _versions(),
+    }
+    cache_fp = cache_mod.combine_fingerprint(components)
+
+    # move what runs to the device
+    model.model.embed_tokens.to(device)
+    if getattr(model.model, "rotary_emb", None) is not None:
+        model.model.rotary_emb.to(device)
+    for i in range(cfg.layer_id + 1):
+        if i < first and quant != "none":
+            quantize_linear_layers_(layers[i], "4bit" if cfg.load_in_4bit else "8bit", dtype)
+        if i >= first or not cfg.offload:
+            layers[i].to(device)
+
+    t0 = time.perf_counter()
+    pin = storage.type == "cpu" and device.type == "cuda"
+    cache = None
+    if cfg.cache_dir:
+        cache = cache_mod.load_cache(cfg.cache_dir, cache_fp, storage, pin)
+    if cache is None:
+        stored = cache_mod.capture_layer_inputs(
+            model,
+            tok,
+            entries,
+            first,
+            device,
+            storage,
+            cfg.cache_format,
+            progress=progress,
+            prefix_layers_on_cpu=cfg.offload,
+        )
+        cache = cache_mod.ActivationCache(stored, f_idx, r_idx, cache_fp, {"hit": False})
+        if cfg.cache_dir:
+            cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
+    timings["cache_s"] = time.perf_counter() - t0
+    if device.type == "cuda" and quant == "none":
+        model.model.embed_tokens.to("cpu")
+        for i in range(first):
+            layers[i].to("cpu")
+        torch.cuda.empty_cache()
+
+    # retain targets (and, with --verbose, frozen forget outputs) from the ORIGINAL layers
+    t0 = time.perf_counter()
+    trained_layers = list(layers[first : cfg.layer_id + 1])
+    for layer in trained_layers:
+        layer.eval()
+    targets: dict[int, torch.Tensor] = {}
+    need_ids = sorted(set(r_idx) | (set(f_idx) if cfg.verbose else set()))
+    with torch.no_grad():
+        for e in tqdm(need_ids, desc="retain targets", disable=not progress, unit="batch"):
+            b = cache.entries[e].to(device, dtype)
+            targets[e] = _store_like(replay(trained_layers, b.hidden, b.kwargs), storage, pin)
+    timings["targets_s"] = time.perf_counter() - t0
+
+    if cfg.control_vectors:
+        cvs = load_control_vectors(cfg.control_vectors, len(cfg.forget_corpora), D, device, dtype)
+    else:
+        cvs = draw_control_vectors(cfg.steering_coeffs, D, cfg.seed, device, dtype)
+
+    trainer = _Trainer(model, cfg, first, cvs, device)
+    names = [n for n, _ in trainer.named]
+    log.info("updating %d tensors: %s", len(names), ", ".join(names))
+
+    losses: list[dict] = []
+    start = 0
+    if resume_state is not None:
+        state, tensors = resume_state
+        trainer.load_state(state, tensors)
+        losses = list(state["losses"])
+        start = int(state["steps_done"])
+        log.info("resuming after step %d from %s", start, ckpt)
+
+    loader = _Loader(cache, targets, device, dtype)
+    t0 = time.perf_counter()
+    pending: list[tuple[int, torch.Tensor, dict | None]] = []
+    sync_every = 1 if device.type != "cuda" or cfg.verbose else 10
+
+    def flush():
+        if not pending:
+            return
+        vals = torch.stack([v for _, v, _ in pending]).tolist()
+        for (step, _, extra), (tot, lf, lr) in zip(pending, vals):
+            if not all(math.isfinite(x) for x in (tot, lf, lr)):
+                raise TrainingError(
+                    f"the loss became {tot} (forget {lf}, retain {lr}) at step {step}; no model was "
+                    "saved. Lower --lr or --alpha/--steering_coeffs, or use --optimizer-dtype float32"
+                )
+            row = {"step": step, "loss": tot, "forget_loss": lf, "retain_loss": lr}
+            if extra:
+                row.update(extra)
+            losses.append(row)
+            log.info("step %d | loss %.4g | forget %.4g | retain %.4g", step, tot, lf, lr)
+            if extra:
+                log.info("step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+            bar.set_postfix(loss=f"{tot:.4g}", forget=f"{lf:.4g}", retain=f"{lr:.4g}")
+            if step_callback is not None:
+                step_callback(step, row)
+        pending.clear()
+
+    bar = tqdm(total=num_batches, initial=start, desc="RMU", disable=not progress, unit="step")
+    done = start
+    try:
+        for idx in range(start, num_batches):
+            fb, rb, tgt = loader.get(idx, num_batches)
+            tot, lf, lr, h_f, h_r = trainer.step(idx, fb, rb, tgt)
+            extra = _verbose_stats(idx, h_f, h_r, tgt, targets, cache, cfg) if cfg.verbose else None
+            pending.append((idx, torch.stack([tot, lf, lr]), extra))
+            done = idx + 1
+            bar.update(1)
+            if len(pending) >= sync_every or done == num_batches:
+                flush()
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < num_batches:
+                flush()
+                _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
+    except KeyboardInterrupt:
+        flush()
+        _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
+        raise TrainingError(
+            f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
+            "the same command with --resume to finish"
+        ) from None
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["train_s"] = time.perf_counter() - t0
+    steps_run = num_batches - start
+    timings["per_step_s"] = timings["train_s"] / max(1, steps_run)
+
+    # save: the ORIGINAL checkpoint with only the trained tensors replaced
+    t0 = time.perf_counter()
+    trained = {n: p.detach().to("cpu").clone() for n, p in trainer.named}
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_updated_checkpoint(src_dir, tmp, trained)
+        from safetensors.torch import save_file
+
+        save_file(
+            {"control_vectors": torch.cat([c.reshape(1, -1).float().cpu() for c in cvs])},
+            str(tmp / "control_vectors.safetensors"),
+        )
+        report = {
+            "config": dataclasses.asdict(cfg),
+            "output_dir": str(out),
+            "num_batches": num_batches,
+            "params_updated": [
+                {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", "")}
+                for n, p in trainer.named
+            ],
+            "losses": losses,
+            "timings": timings,
+            "peak_gpu_memory_bytes": (
+                int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+            ),
+            "memory_preflight": memory,
+            "cache": {
+                "fingerprint": cache_fp,
+                "hit": bool(cache.info.get("hit")),
+                "path": cache.info.get("path"),
+                "format": cfg.cache_format,
+                "storage": str(storage),
+                "entries": len(cache.entries),
+                "bytes": cache.nbytes(),
+                "exact": quant == "none" and cfg.cache_format == "bf16",
+                "note": (
+                    "the prefix was quantized: cached inputs approximate the full-precision model"
+                    if quant != "none"
+                    else None
+                ),
+            },
+            "control_vector_norms": [float(c.float().norm()) for c in cvs],
+            "resumed_from_step": start if resume_state is not None else None,
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "versions": _versions(),
+            "eval_before": eval_before,
+            "eval_after": None,
+        }
+        if losses:
+            plot_losses(
+                losses, tmp / "losses.png", title=f"RMU on {Path(cfg.model_name_or_path).name}"
+            )
+        _atomic_write_text(tmp / "rmu_report.json", json.dumps(report, indent=1, default=str))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    timings["save_s"] = time.perf_counter() - t0
+    shutil.rmtree(ckpt, ignore_errors=True)
+    log.info("saved the unlearned model to %s", out)
+
+    kept = cache if keep_cache else None
+    if cfg.eval_tasks:
+        t0 = time.perf_counter()
+        del model, trainer, loader, cache, targets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report["eval_after"] = _evaluate_dir(cfg, str(out), device, dtype)
+        timings["eval_after_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    report["timings"] = timings
+    _atomic_write_text(out / "rmu_report.json", json.dumps(report, indent=1, default=str))
+    return RMUResult(output_dir=out, report=report, params=trained, cache=kept)
+
+
+def _store_like(t: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:
+    t = t.detach().to(storage)
+    return t.pin_memory() if pin else t
+
+
+def _verbose_stats(idx, h_f, h_r, tgt, targets, cache, cfg) -> dict:
+    """The published --verbose numbers: cosine similarities and mean activation norms."""
+    import torch.nn.functional as F
+
+    frozen_f = targets[cache.forget_index[idx]].to(h_f.device, h_f.dtype)
+    k = idx % len(cfg.forget_corpora)
+
+    def norm(x):
+        return torch.mean(x.float().norm(dim=-1).mean(dim=1), dim=0).item()
+
+    return {
+        "unlearn_cosine_sim": F.cosine_similarity(h_f, frozen_f, dim=-1).mean().item(),
+        "retain_cosine_sim": F.cosine_similarity(h_r, tgt, dim=-1).mean().item(),
+        f"topic{k}_updated_forget_norm": norm(h_f),
+        f"topic{k}_frozen_forget_norm": norm(frozen_f),
+        f"topic{k}_updated_retain_norm": norm(h_r),
+        f"topic{k}_frozen_retain_norm": norm(tgt),
+    }
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to `out` (replacing an old one: --overwrite)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _versions() -> dict:
+    import transformers
+
+    import wmdp_fast
+
+    return {
+        "wmdp_fast": getattr(wmdp_fast, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+__all__ = [
+    "RMUConfig",
+    "RMUResult",
+    "WmdpFastError",
+    "check_output_dir",
+    "draw_control_vectors",
+    "load_control_vectors",
+    "plan_batches",
+    "replay",
+    "run_rmu",
+]

@@ -59,13 +59,26 @@ def _pack_int8_kernel(
 
 
 @triton.jit
-def _unpack_int8_kernel(q_ptr, s_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
+def _cast_out(x, out_ty: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """x (float32) -> out_ty, rounding to nearest even (see rmu_mse._cast_out)."""
+    if MANUAL_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(out_ty)
+    return y
+
+
+@triton.jit
+def _unpack_int8_kernel(q_ptr, s_ptr, out_ptr, D, MANUAL_BF16: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(s_ptr + row)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + row * D + cols, mask=cols < D, other=0).to(tl.float32)
-        tl.store(out_ptr + row * D + cols, (q * scale).to(out_ptr.dtype.element_ty), mask=cols < D)
+        y = _cast_out(q * scale, out_ptr.dtype.element_ty, MANUAL_BF16)
+        tl.store(out_ptr + row * D + cols, y, mask=cols < D)
 
 
 def _settings(D: int) -> tuple[int, int]:
@@ -110,5 +123,13 @@ def unpack_int8(packed: PackedActivations, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     block, num_warps = _settings(D)
     with _launch_ctx():
-        _unpack_int8_kernel[(scale.numel(),)](q, scale, out, D, BLOCK_D=block, num_warps=num_warps)
+        _unpack_int8_kernel[(scale.numel(),)](
+            q,
+            scale,
+            out,
+            D,
+            MANUAL_BF16=INTERPRETED and dtype == torch.bfloat16,
+            BLOCK_D=block,
+            num_warps=num_warps,
+        )
     return out

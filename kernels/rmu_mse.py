@@ -36,6 +36,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 
 
 @triton.jit
+def _cast_out(x, out_ty: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """x (float32) -> out_ty, rounding to nearest even. MANUAL_BF16 does the bf16 rounding on
+    the bits: Triton's interpreter truncates float32 -> bf16 (the GPU rounds)."""
+    if MANUAL_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(out_ty)
+    return y
+
+
+@triton.jit
 def _mse_row(
     row,
     h_ptr,
@@ -59,6 +72,7 @@ def _mse_row(
     HAS_MASK: tl.constexpr,
     TARGET_INT8: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """sum((h - t)^2) over one row (position) in float32; writes grad_scale * (h - t)."""
@@ -84,7 +98,7 @@ def _mse_row(
         diff = h - tv
         acc += diff * diff
         if WRITE_GRAD:
-            g = (diff * grad_scale).to(g_ptr.dtype.element_ty)
+            g = _cast_out(diff * grad_scale, g_ptr.dtype.element_ty, MANUAL_BF16)
             tl.store(g_ptr + row * D + cols, g, mask=in_row)
     return tl.sum(acc, axis=0)
 
@@ -113,13 +127,14 @@ def _rmu_mse_kernel(
     HAS_MASK: tl.constexpr,
     TARGET_INT8: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     s = _mse_row(
         row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
         m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
-        HAS_MASK, TARGET_INT8, WRITE_GRAD, BLOCK_D,
+        HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
     )  # fmt: skip
     tl.store(part_ptr + row, s)
 
@@ -167,9 +182,11 @@ def _rmu_loss_kernel(
     F_HAS_MASK: tl.constexpr,
     F_TARGET_INT8: tl.constexpr,
     F_WRITE_GRAD: tl.constexpr,
+    F_MANUAL_BF16: tl.constexpr,
     R_HAS_MASK: tl.constexpr,
     R_TARGET_INT8: tl.constexpr,
     R_WRITE_GRAD: tl.constexpr,
+    R_MANUAL_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -177,13 +194,13 @@ def _rmu_loss_kernel(
         s = _mse_row(
             pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
             fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
-            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, BLOCK_D,
+            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, BLOCK_D,
         )  # fmt: skip
     else:
         s = _mse_row(
             pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
             rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
-            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, BLOCK_D,
+            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
         )  # fmt: skip
     tl.store(part_ptr + pid, s)
 
@@ -289,7 +306,8 @@ class _Term:
         ]  # fmt: skip
 
     def flags(self) -> list:
-        return [self.has_mask, self.int8, self.write_grad]
+        manual_bf16 = INTERPRETED and self.hidden.dtype == torch.bfloat16
+        return [self.has_mask, self.int8, self.write_grad, manual_bf16]
 
 
 def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Sweep (B, T, D) for the RMU activation-MSE loss, forward + backward: eager vs fused.
+
+    python benchmarks/bench_rmu_mse_table.py                  # CPU, small shapes
+    python benchmarks/bench_rmu_mse_table.py --device cuda    # GPU, the issue's shapes
+
+Providers (the same loss, forward + backward w.r.t. hidden, hidden and target in --dtype):
+  eager       F.mse_loss(hidden.float(), target.float()) then .backward()  (the published form
+              with the float32 casts some forks add)
+  fused       ops.rmu_mse(hidden, target) then .backward()  (Triton on CUDA; on the CPU this is
+              the reference twin, so CPU numbers only show the overhead of the op layer)
+  fused-int8  ops.rmu_mse(hidden, pack_activations(target, "int8")) then .backward()
+
+Columns: median time with the 0.2 / 0.8 quantiles; effective GB/s = the bytes a one-pass
+kernel must move (read hidden and target, write the gradient in hidden's dtype; int8: 1 byte
+per target element plus the scales) divided by the median time, for every provider; peak
+memory = peak allocated during forward + backward above what the inputs already hold (CUDA
+only). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wmdp_fast import ops
+
+GPU_SHAPES = [(4, 512, 4096), (4, 768, 4096), (8, 2048, 8192)]
+CPU_SHAPES = [(4, 128, 1024), (4, 192, 1024), (8, 256, 2048)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _bench_cpu(fn, reps: int) -> tuple[float, float, float]:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times) * 1e3, q[1] * 1e3, q[7] * 1e3
+
+
+def _bench_cuda(fn, grad_to_none) -> tuple[float, float, float]:
+    import triton.testing
+
+    med, lo, hi = triton.testing.do_bench(
+        fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+    )
+    return med, lo, hi
+
+
+def _peak_extra_mb(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_shape(B, T, D, device, dtype, reps: int, target_kind: str) -> list:
+    """[(provider, median ms, p20 ms, p80 ms, effective GB/s, peak extra MiB or None)]."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, D, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    if target_kind == "cv":
+        t = torch.rand(1, 1, D, generator=gen).to(device=device, dtype=dtype)
+    else:
+        t = torch.randn(B, T, D, generator=gen).to(device=device, dtype=dtype)
+    packed = ops.pack_activations(t, "int8")
+    providers = {
+        "eager": (lambda: F.mse_loss(h.float(), t.float().expand(B, T, D)), t),
+        "fused": (lambda: ops.rmu_mse(h, t), t),
+    }
+    if target_kind != "cv":
+        providers["fused-int8"] = (lambda: ops.rmu_mse(h, packed), packed)
+
+    def step_of(loss_fn):
+        def step():
+            h.grad = None
+            loss_fn().backward()
+
+        return step
+
+    rows = []
+    for name, (loss_fn, tgt) in providers.items():
+        step = step_of(loss_fn)
+        if device.type == "cuda":
+            med, lo, hi = _bench_cuda(step, [h])
+        else:
+            med, lo, hi = _bench_cpu(step, reps)
+        peak = _peak_extra_mb(step, device)
+        gbs = (2 * h.numel() * h.element_size() + tgt.nbytes) / (med * 1e-3) / 1e9
+        rows.append((name, med, lo, hi, gbs, peak))
+    return rows
+
+
+def run(device: torch.device, dtype: torch.dtype, shapes, reps: int, target_kind: str) -> list:
+    rows = []
+    for B, T, D in shapes:
+        for r in bench_shape(B, T, D, device, dtype, reps, target_kind):
+            rows.append((B, T, D, *r))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument(
+        "--target",
+        default="retain",
+        choices=["retain", "cv"],
+        help="retain: target [B, T, D] (default); cv: control vector [1, 1, D]",
+    )
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="B,T,D;B,T,D;... (default: the issue's shapes on cuda, small on cpu)",
+    )
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    else:
+        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    torch.set_num_threads(torch.get_num_threads())
+    rows = run(device, DTYPES[args.dtype], shapes, args.reps, args.target)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"RMU MSE forward+backward, {args.dtype}, target {args.target}, {name}, "
+        f"backend {ops.backend_of('rmu_mse', device)}, torch {torch.__version__}\n"
+    )
+    print(
+        "| B | T | D | provider | median ms | p20 ms | p80 ms | effective GB/s | peak extra MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B, T, D, prov, med, lo, hi, gbs, peak in rows:
+        pk = "-" if peak is None else f"{peak:.1f}"
+        print(f"| {B} | {T} | {D} | {prov} | {med:.3f} | {lo:.3f} | {hi:.3f} | {gbs:.1f} | {pk} |")
+    by = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+    print()
+    for B, T, D in shapes:
+        if (B, T, D, "fused") in by:
+            sp = by[(B, T, D, "eager")] / by[(B, T, D, "fused")]
+            print(f"speed-up fused vs eager at ({B}, {T}, {D}): {sp:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

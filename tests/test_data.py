@@ -1,0 +1,135 @@
+"""MCQ data: local mirror layout, file formats, task/group resolution, validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wmdp_fast.data import (
+    GROUPS,
+    MMLU_SUBJECTS,
+    load_task,
+    load_tasks,
+    read_mcq_file,
+    resolve_tasks,
+    validate_row,
+)
+from wmdp_fast.errors import ConfigError, DataError
+
+GOOD = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 2}
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_formats_round_trip(tmp_path):
+    rows = [GOOD, {"question": "  Ünïcode ", "choices": ["", " ", "x", "y"], "answer": 0}]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    j = write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    for p in (j, tmp_path / "b.json", tmp_path / "c.parquet"):
+        assert read_mcq_file(p) == rows
+
+
+def test_mirror_layout_groups_and_limit(tmp_path):
+    for stem in ("wmdp-bio", "wmdp-cyber", "wmdp-chem"):
+        write_jsonl(tmp_path / f"{stem}.jsonl", [GOOD] * 3)
+    (tmp_path / "mmlu").mkdir()
+    for s in ("college_biology", "virology", "college_computer_science"):
+        (tmp_path / "mmlu" / f"{s}.json").write_text(json.dumps([GOOD] * 2))
+    write_jsonl(tmp_path / "mmlu" / "computer_security.jsonl", [GOOD])
+    tasks, groups = load_tasks("wmdp,mmlu_paper", tmp_path, limit=2)
+    assert [t.name for t in tasks] == [
+        "wmdp_bio", "wmdp_cyber", "wmdp_chem", "mmlu_college_biology", "mmlu_virology",
+        "mmlu_college_computer_science", "mmlu_computer_security",
+    ]  # fmt: skip
+    assert [len(t.docs) for t in tasks] == [2, 2, 2, 2, 2, 2, 1]
+    assert groups["wmdp"] == ["wmdp_bio", "wmdp_cyber", "wmdp_chem"]
+    assert tasks[0].subject == "biology" and tasks[1].subject == "cybersecurity"
+    assert tasks[3].subject == "college biology"
+    assert tasks[6].source.endswith("computer_security.jsonl")
+    with pytest.raises(DataError, match=r"mmlu/anatomy\.jsonl"):
+        load_task("mmlu_anatomy", tmp_path)
+
+
+def test_resolve_tasks():
+    tasks, groups = resolve_tasks(["mmlu", "mmlu_virology"])
+    assert len(tasks) == 57 == len(MMLU_SUBJECTS) and list(groups) == ["mmlu"]
+    assert len(GROUPS["mmlu_paper"]) == 4
+    tasks, groups = resolve_tasks("wmdp_bio, demo_forget")
+    assert tasks == ["wmdp_bio", "demo_forget"] and groups == {}
+    with pytest.raises(ConfigError, match="unknown task 'wmdp_physics'"):
+        resolve_tasks("wmdp,wmdp_physics")
+    with pytest.raises(ConfigError, match="no task"):
+        resolve_tasks(" , ")
+
+
+BAD_ROWS = [
+    ({"choices": ["a", "b", "c", "d"], "answer": 0}, "field 'question': missing"),
+    ({"question": "Q", "answer": 0}, "field 'choices': missing"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"]}, "field 'answer': missing"),
+    ({"question": "Q", "choices": ["a", "b", "c"], "answer": 0}, "exactly 4 choices, got 3"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d", "e"], "answer": 0}, "exactly 4"),
+    ({"question": "Q", "choices": "abcd", "answer": 0}, "field 'choices': must be a list"),
+    ({"question": "Q", "choices": ["a", 2, "c", "d"], "answer": 0}, r"field 'choices\[1\]'"),
+    ({"question": "Q", "choices": ["a", None, "c", "d"], "answer": 0}, r"'choices\[1\]'"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": "2"}, "must be an integer"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 1.0}, "must be an integer"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": True}, "must be an integer"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 4}, "out of range"),
+    ({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": -1}, "out of range"),
+    ({"question": " \n\t", "choices": ["a", "b", "c", "d"], "answer": 0}, "empty question"),
+    ({"question": 7, "choices": ["a", "b", "c", "d"], "answer": 0}, "'question': must be a string"),
+]
+
+
+@pytest.mark.parametrize("row,msg", BAD_ROWS)
+def test_bad_row_names_file_row_and_field(tmp_path, row, msg):
+    path = write_jsonl(tmp_path / "wmdp-bio.jsonl", [GOOD, GOOD, row, GOOD])
+    with pytest.raises(DataError, match=msg) as info:
+        read_mcq_file(path)
+    text = str(info.value)
+    assert str(path) in text and "row 2 (line 3)" in text
+
+
+def test_file_level_errors(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n\n{not json\n")
+    with pytest.raises(DataError, match=r"row 1 \(line 3\): invalid JSON"):
+        read_mcq_file(p)
+    (tmp_path / "y.json").write_text(json.dumps({"data": [GOOD]}))
+    with pytest.raises(DataError, match="array"):
+        read_mcq_file(tmp_path / "y.json")
+    (tmp_path / "z.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no questions"):
+        read_mcq_file(tmp_path / "z.jsonl")
+    (tmp_path / "w.csv").write_text("q\n")
+    with pytest.raises(DataError, match="unsupported"):
+        read_mcq_file(tmp_path / "w.csv")
+    with pytest.raises(DataError, match="not found"):
+        read_mcq_file(tmp_path / "missing.jsonl")
+    assert validate_row(dict(GOOD), "here") == GOOD
+
+
+def test_bad_data_fails_before_any_model_work(tmp_path):
+    """evaluate() validates every task before touching the model: a model that explodes on any
+    attribute access is never reached."""
+    from wmdp_fast.evaluate import evaluate
+
+    write_jsonl(tmp_path / "wmdp-bio.jsonl", [GOOD])
+    write_jsonl(tmp_path / "wmdp-cyber.jsonl", [GOOD])
+    write_jsonl(tmp_path / "wmdp-chem.jsonl", [GOOD, {**GOOD, "answer": 9}])
+
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"model touched ({name}) before validation finished")
+
+    with pytest.raises(DataError, match=r"wmdp-chem\.jsonl: row 1 \(line 2\), field 'answer'"):
+        evaluate(Boom(), Boom(), "wmdp", data_dir=tmp_path)

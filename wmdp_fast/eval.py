@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.load_in_4bit and args.load_in_8bit:
         raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
 
+    for flag, path in (("--output", args.output), ("--log-samples", args.log_samples)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{flag} {path}: folder {Path(path).parent} does not exist")
     task_objs, groups = load_tasks(tasks, args.data_dir, args.limit)  # validates all data first
     device = resolve_device(args.device)
     log.info("loading %s", model_path)

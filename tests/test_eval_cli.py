@@ -1,0 +1,122 @@
+"""CLI: python -m wmdp_fast.eval -- output files, table, exit codes, error lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wmdp_fast.eval import main
+from wmdp_fast.testing import make_tiny_model
+
+ROWS = [
+    {
+        "question": f"Question {i}: which {'x ' * i}?",
+        "choices": ["w", "x", "y", "z"],
+        "answer": i % 4,
+    }
+    for i in range(5)
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model(root / "model", arch="llama", seed=5)
+    data = root / "data"
+    data.mkdir()
+    for stem in ("wmdp-bio", "wmdp-cyber", "wmdp-chem"):
+        (data / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return root, model, data
+
+
+def test_full_run_writes_results_and_samples(setup, capsys):
+    root, model, data = setup
+    out, samples = root / "res.json", root / "samples.jsonl"
+    argv = ["--model", str(model), "--tasks", "wmdp", "--data-dir", str(data), "--device", "cpu",
+            "--limit", "4", "--output", str(out), "--log-samples", str(samples), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "|wmdp_bio|4|acc|" in printed and "|wmdp|12|acc|" in printed
+    res = json.loads(out.read_text())
+    assert set(res) >= {"results", "groups", "protocol", "model", "dtype", "versions", "seconds"}
+    assert res["protocol"] == "lm-eval-current" and res["dtype"] == "float32"
+    assert res["versions"]["lm_eval_reproduced"] == "0.4.13"
+    assert set(res["results"]) == {"wmdp_bio", "wmdp_cyber", "wmdp_chem"}
+    assert all(r["n"] == 4 for r in res["results"].values())
+    lines = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert len(lines) == 12
+    assert set(lines[0]) == {"task", "doc_id", "loglikelihoods", "pred", "answer", "is_greedy"}
+    # the results agree with the samples
+    for task, r in res["results"].items():
+        mine = [s for s in lines if s["task"] == task]
+        assert r["acc"] == sum(s["pred"] == s["answer"] for s in mine) / len(mine)
+        for s in mine:
+            assert s["pred"] == max(range(4), key=lambda i: (s["loglikelihoods"][i], -i))
+    assert res["groups"]["wmdp"]["acc"] == pytest.approx(
+        sum(s["pred"] == s["answer"] for s in lines) / 12
+    )
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
+
+    # the 0.4.2 protocol is recorded and changes the numbers
+    out2 = root / "res042.json"
+    assert (
+        main(argv[:-5] + ["--output", str(out2), "--protocol", "lm-eval-0.4.2", "--no-progress"])
+        == 0
+    )
+    res2 = json.loads(out2.read_text())
+    assert res2["protocol"] == "lm-eval-0.4.2" and res2["versions"]["lm_eval_reproduced"] == "0.4.2"
+
+
+def test_bad_data_exits_1_with_one_line(setup, tmp_path, capsys):
+    _, model, data = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for stem in ("wmdp-bio", "wmdp-cyber", "wmdp-chem"):
+        (bad / f"{stem}.jsonl").write_text((data / f"{stem}.jsonl").read_text())
+    (bad / "wmdp-cyber.jsonl").write_text(
+        json.dumps({"question": "q", "choices": ["a"], "answer": 0})
+    )
+    out = tmp_path / "res.json"
+    rc = main(
+        ["--model", str(model), "--tasks", "wmdp", "--data-dir", str(bad), "--output", str(out)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("error: ") and "wmdp-cyber.jsonl: row 0" in err[-1]
+    assert "choices" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--tasks", "wmdp", "--load-in-4bit", "--load-in-8bit"], "exclude each other"),
+        (["--tasks", "wmdp_bio", "--output", "/nonexistent/dir/r.json"], "--output"),
+    ],
+)
+def test_config_errors_exit_1(setup, capsys, extra, msg):
+    _, model, data = setup
+    rc = main(["--model", str(model), "--data-dir", str(data), "--no-progress", *extra])
+    assert rc == 1
+    assert msg in capsys.readouterr().err
+
+
+def test_debug_shows_traceback_and_module_entry_point(setup):
+    _, model, data = setup
+    from wmdp_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--model", str(model), "--tasks", "nope", "--debug"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmdp_fast.eval", "--model", str(model), "--tasks", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tasks: unknown task")
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ on tiny random-weight models with the real Mistral tokenizer.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,15 @@ def published_get_data(corpus_dir, forget_corpora, retain_corpora, min_len, batc
     return [get_dataset(c) for c in forget_corpora], [get_dataset(c) for c in retain_corpora]
 
 
-def published_rmu(model_dir, cfg: RMUConfig, control_vecs):
-    """The published loop; returns ({param name: tensor}, [(loss, forget, retain)])."""
+def _masked_mse(h, target, mask):
+    """open-unlearning's objective (--mask-padding): mean over real tokens only."""
+    m = mask[..., None].to(h.dtype)
+    return ((h - target) ** 2 * m).sum() / (m.sum() * h.shape[-1])
+
+
+def published_rmu(model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = False):
+    """The published loop; returns ({param name: tensor}, [(loss, forget, retain)]).
+    With mask_padding, the MSEs leave padding out (not the published objective)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -117,6 +125,7 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs):
         return cache[0]
 
     num_batches = min(cfg.max_num_batches, min(len(f) for f in forget), min(len(r) for r in retain))
+    warnings.filterwarnings("ignore", message="Using a target size")  # the published broadcast
     losses = []
     for idx in range(num_batches):
         topic_idx = idx % len(forget)
@@ -130,7 +139,10 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs):
             max_length=max_length,
         )
         h_f = forward_with_cache(updated, f_in, updated_module, no_grad=False)
-        unlearn_loss = F.mse_loss(h_f, control_vecs[topic_idx])
+        if mask_padding:
+            unlearn_loss = _masked_mse(h_f, control_vecs[topic_idx], f_in["attention_mask"])
+        else:
+            unlearn_loss = F.mse_loss(h_f, control_vecs[topic_idx])
         r_in = tok(
             retain[topic_idx][batch_idx],
             return_tensors="pt",
@@ -140,7 +152,10 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs):
         )
         h_r = forward_with_cache(updated, r_in, updated_module, no_grad=False)
         h_r0 = forward_with_cache(frozen, r_in, frozen_module, no_grad=True)
-        retain_loss = F.mse_loss(h_r, h_r0) * cfg.alpha[topic_idx]
+        if mask_padding:
+            retain_loss = _masked_mse(h_r, h_r0, r_in["attention_mask"]) * cfg.alpha[topic_idx]
+        else:
+            retain_loss = F.mse_loss(h_r, h_r0) * cfg.alpha[topic_idx]
         loss = unlearn_loss + retain_loss
         opt.zero_grad()
         loss.backward()
@@ -235,7 +250,7 @@ def test_parity_qwen2_param_index_shift(tmp_path):
     cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
     cfg.control_vectors = str(tmp_path / "cv.safetensors")
     result = run_rmu(cfg, progress=False)
-    ref_cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, param_ids=[9], max_num_batches=4)
+    ref_cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, param_ids=[9], max_num_batches=3)
     ref_params, ref_losses = published_rmu(model_dir, ref_cfg, cvs)
     assert set(ref_params) == {f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)}
     assert_parity(result, ref_params, ref_losses, model_dir)
@@ -268,3 +283,17 @@ def test_parity_two_topics_interleaved_512_768(tmp_path):
     assert lengths[0] == 512 and lengths[1] == 768, lengths  # steps 0, 1: topic 0, topic 1
     # the published code cuts wikitext batches at 512 and shares them between the topics
     assert cache.retain_index[0] == cache.retain_index[1]
+
+
+def test_mask_padding_matches_masked_objective(tmp_path):
+    """--mask-padding trains the open-unlearning objective (padding left out of both means)."""
+    model_dir = make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3)
+    corpus = write_corpora(tmp_path / "corpora")
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, max_num_batches=3, mask_padding=True)
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False)
+    ref_params, ref_losses = published_rmu(model_dir, cfg, cvs, mask_padding=True)
+    assert_parity(result, ref_params, ref_losses, model_dir)
+    unmasked, unmasked_losses = published_rmu(model_dir, cfg, cvs, mask_padding=False)
+    assert abs(unmasked_losses[0][1] - ref_losses[0][1]) > 1e-3 * ref_losses[0][1]

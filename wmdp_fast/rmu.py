@@ -24,7 +24,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,6 +230,10 @@ def replay(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return hidden
 
 
+class _Abort(Exception):
+    """A second Ctrl-C: stop now, without a checkpoint."""
+
+
 class _Loader:
     """Moves cached batches (and retain targets) to the compute device; with a pinned CPU
     cache and CUDA, the next step's copy runs on a side stream while this step computes."""
@@ -354,6 +360,34 @@ def plot_losses(losses: list[dict], path: Path, title: str = "RMU") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_accuracy(before: dict, after: dict, path: Path) -> None:
+    """Bar chart of accuracy before/after per task (written atomically to `path`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in before if n in after]
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 4))
+    xs = range(len(names))
+    b = [100 * (before[n].get("acc") or 0) for n in names]
+    a = [100 * (after[n].get("acc") or 0) for n in names]
+    ax.bar([x - 0.2 for x in xs], b, width=0.4, label="before RMU")
+    ax.bar([x + 0.2 for x in xs], a, width=0.4, label="after RMU")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(25, color="grey", linestyle=":", label="chance (4 choices)")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -786,15 +820,18 @@ def run_rmu(
     pending: list[tuple[int, torch.Tensor, dict | None]] = []
     sync_every = 1 if device.type != "cuda" or cfg.verbose else 10
 
-    def flush():
+    def flush(callbacks: bool = True):
         if not pending:
             return
         vals = torch.stack([v for _, v, _ in pending]).tolist()
-        for (step, _, extra), (tot, lf, lr) in zip(pending, vals):
+        items = list(zip(pending, vals))
+        pending.clear()
+        for (step, _, extra), (tot, lf, lr) in items:
             if not all(math.isfinite(x) for x in (tot, lf, lr)):
                 raise TrainingError(
-                    f"the loss became {tot} (forget {lf}, retain {lr}) at step {step}; no model was "
-                    "saved. Lower --lr or --alpha/--steering_coeffs, or use --optimizer-dtype float32"
+                    f"the loss became {tot} (forget {lf}, retain {lr}) at step {step}; no model "
+                    "was saved. Lower --lr or --alpha/--steering_coeffs, or use "
+                    "--optimizer-dtype float32"
                 )
             row = {"step": step, "loss": tot, "forget_loss": lf, "retain_loss": lr}
             if extra:
@@ -804,10 +841,26 @@ def run_rmu(
             if extra:
                 log.info("step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in extra.items()))
             bar.set_postfix(loss=f"{tot:.4g}", forget=f"{lf:.4g}", retain=f"{lr:.4g}")
-            if step_callback is not None:
-                step_callback(step, row)
-        pending.clear()
+        if callbacks and step_callback is not None:
+            for row in losses[-len(items) :]:
+                step_callback(row["step"], row)
 
+    # Ctrl-C is deferred to the end of the current step so that the checkpoint written on
+    # interruption holds a consistent state (a second Ctrl-C aborts at once, without one).
+    interrupt = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if interrupt["requested"]:
+            raise _Abort
+        interrupt["requested"] = True
+        log.warning(
+            "interrupt: finishing the current step and writing a checkpoint "
+            "(press Ctrl-C again to abort without one)"
+        )
+
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
     bar = tqdm(total=num_batches, initial=start, desc="RMU", disable=not progress, unit="step")
     done = start
     try:
@@ -823,15 +876,24 @@ def run_rmu(
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < num_batches:
                 flush()
                 _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
-        flush()
+        flush(callbacks=False)
         _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
         raise TrainingError(
             f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
             "the same command with --resume to finish"
         ) from None
+    except _Abort:
+        raise TrainingError(
+            f"aborted during step {done}; no checkpoint written for it (--resume continues from "
+            "the last periodic checkpoint, if any)"
+        ) from None
     finally:
         bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["train_s"] = time.perf_counter() - t0

@@ -1,0 +1,211 @@
+"""RMU engine behaviour: resume (bitwise), NaN/inf, output directory, control vectors, corpora,
+the saved checkpoint. Tiny random-weight models, float32/bf16 on the CPU, few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_rmu_parity import tiny_cfg, write_corpora
+
+from wmdp_fast.corpora import load_corpora, load_corpus
+from wmdp_fast.errors import ConfigError, DataError, TrainingError
+from wmdp_fast.rmu import RMUConfig, draw_control_vectors, plan_batches, run_rmu
+from wmdp_fast.testing import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rmu")
+    model_dir = make_tiny_model(d / "model", arch="mistral", num_hidden_layers=3)
+    corpus = write_corpora(d / "corpora")
+    return model_dir, corpus
+
+
+class _Interrupt:
+    """step_callback that raises `exc` once, after step `at`."""
+
+    def __init__(self, at: int, exc: type[BaseException]):
+        self.at, self.exc = at, exc
+
+    def __call__(self, step, row):
+        if step == self.at:
+            raise self.exc("simulated")
+
+
+@pytest.mark.parametrize(
+    "dtype,opt_dtype", [("float32", "model"), ("bfloat16", "float32")], ids=["fp32", "bf16-fp32opt"]
+)
+def test_resume_is_bitwise_identical(tmp_path, tiny, dtype, opt_dtype):
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=6, dtype=dtype, optimizer_dtype=opt_dtype)
+    full = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+
+    # Ctrl-C after step 2: a checkpoint of the consistent state after 3 steps is written
+    cfg = tiny_cfg(tmp_path / "b", model_dir, corpus, checkpoint_every=2, **kw)
+    with pytest.raises(TrainingError, match="--resume"):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(2, KeyboardInterrupt))
+    out = Path(cfg.output_dir)
+    assert not out.exists()
+    assert (
+        json.loads((out.parent / ".out.rmu-checkpoint" / "state.json").read_text())["steps_done"]
+        == 3
+    )
+    # a kill after step 4 (no handler runs): the periodic checkpoint after 4 steps remains
+    with pytest.raises(RuntimeError):
+        cfg.resume = True
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(4, RuntimeError))
+    state = json.loads((out.parent / ".out.rmu-checkpoint" / "state.json").read_text())
+    assert state["steps_done"] == 4
+    resumed = run_rmu(cfg, progress=False)
+    assert resumed.report["resumed_from_step"] == 4
+    for name, t in full.params.items():
+        assert torch.equal(resumed.params[name], t), name
+    assert resumed.report["losses"] == full.report["losses"]
+    assert not (out.parent / ".out.rmu-checkpoint").exists()
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny):
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4, checkpoint_every=1)
+    with pytest.raises(TrainingError):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    cfg.resume, cfg.lr = True, 2e-3
+    with pytest.raises(ConfigError, match="other settings"):
+        run_rmu(cfg, progress=False)
+
+
+def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path, tiny):
+    model_dir, corpus = tiny
+    # a huge lr blows the weights up after the first update: step 1 sees inf/NaN
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, lr=1e30, max_num_batches=4)
+    with pytest.raises(TrainingError, match=r"at step 1\b"):
+        run_rmu(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_output_dir_refused_without_overwrite(tmp_path, tiny):
+    model_dir, corpus = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_rmu(cfg, progress=False)
+    assert (out / "keep.txt").read_text() == "user data"
+    cfg.overwrite = True
+    res = run_rmu(cfg, progress=False)
+    assert not (out / "keep.txt").exists()
+    rep = json.loads((out / "rmu_report.json").read_text())
+    assert [r["step"] for r in rep["losses"]] == [0, 1]
+    assert set(rep["losses"][0]) >= {"step", "loss", "forget_loss", "retain_loss"}
+    assert rep["params_updated"][0]["name"] == "model.layers.1.mlp.down_proj.weight"
+    assert (out / "losses.png").stat().st_size > 1000
+    assert rep["peak_gpu_memory_bytes"] is None  # CPU run
+    # the output loads with transformers as is, with the trained tensors in place
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    torch.testing.assert_close(
+        m.model.layers[2].mlp.down_proj.weight, res.params["model.layers.2.mlp.down_proj.weight"]
+    )
+
+
+def test_control_vectors_follow_published_seeding():
+    cvs = draw_control_vectors([6.5, 3.0], 32, seed=42, device="cpu", dtype=torch.float32)
+    torch.manual_seed(42)
+    for c, coeff in zip(cvs, [6.5, 3.0]):
+        u = torch.rand(1, 1, 32)
+        torch.testing.assert_close(c, u / torch.norm(u) * coeff, rtol=0, atol=0)
+        assert (c > 0).all() and abs(c.norm().item() - coeff) < 1e-5
+
+
+def test_plan_batches_interleaves_topics_and_lengths():
+    forget = [[["a1"], ["a2"]], [["b1"], ["b2"]]]
+    retain = [[["r1"], ["r2"]], [["r1"], ["r2"]]]
+    entries, f_idx, r_idx = plan_batches(forget, retain, 3)
+    got = [(entries[f_idx[i]], entries[r_idx[i]]) for i in range(3)]
+    assert got == [
+        ((("a1",), 512), (("r1",), 512)),
+        ((("b1",), 768), (("r1",), 512)),
+        ((("a2",), 512), (("r2",), 512)),
+    ]
+    assert r_idx[0] == r_idx[1]  # the same retain batch is cached once
+
+
+def test_corpora_exact_and_clean_modes(tmp_path):
+    d = tmp_path
+    (d / "cyber-forget-corpus.jsonl").write_text('{"text": "abc"}\n{"text": "defg"}\n')
+    (d / "bio-forget-corpus.jsonl").write_text('{"text": "bio one"}\n{"text": ""}\n')
+    (d / "wikitext.jsonl").write_text('{"text": ""}\n{"text": " = A = \\n"}\n')
+    assert load_corpus("cyber-forget-corpus", d) == ['{"text": "abc"}\n', '{"text": "defg"}\n']
+    assert load_corpus("cyber-forget-corpus", d, mode="clean") == ["abc", "defg"]
+    assert load_corpus("cyber-forget-corpus", d, min_len=3, mode="clean") == ["defg"]
+    assert load_corpus("bio-forget-corpus", d) == ["bio one"]
+    assert load_corpus("wikitext", d) == [" = A = \n"]
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus("chem-forget-corpus", d)
+    (d / "bad-bio-forget-corpus.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=":2:"):
+        load_corpus("bad-bio-forget-corpus", d)
+    (d / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no document"):
+        load_corpus("empty", d)
+
+
+def test_corpora_short_corpus_shortens_the_run(tmp_path, caplog):
+    (tmp_path / "f.jsonl").write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(5)))
+    (tmp_path / "wikitext.jsonl").write_text(
+        "".join(f'{{"text": "line {i}"}}\n' for i in range(20))
+    )
+    with caplog.at_level("WARNING", logger="wmdp_fast"):
+        forget, retain, n = load_corpora(["f"], ["wikitext"], 2, 150, corpus_dir=tmp_path)
+    assert n == 3 and len(forget[0]) == 3 and forget[0][2] == ['{"text": "doc 4"}\n']
+    assert "running 3 steps" in caplog.text
+    with pytest.raises(ConfigError, match="one retain corpus per forget topic"):
+        load_corpora(["f", "f"], ["wikitext"], 2, 150, corpus_dir=tmp_path)
+
+
+def test_config_validation_names_the_flag():
+    with pytest.raises(ConfigError, match="--alpha"):
+        RMUConfig(alpha=[1.0]).validate()
+    with pytest.raises(ConfigError, match="--steering_coeffs"):
+        RMUConfig(steering_coeffs=[1.0, 2.0, 3.0]).validate()
+
+
+def test_layer_and_param_validation(tmp_path, tiny):
+    model_dir, corpus = tiny
+    with pytest.raises(ConfigError, match="--layer_id 5 is out of range"):
+        run_rmu(tiny_cfg(tmp_path, model_dir, corpus, layer_id=5), progress=False)
+    with pytest.raises(ConfigError, match="--param_ids 'mlp.nope'"):
+        run_rmu(tiny_cfg(tmp_path, model_dir, corpus, param_ids=["mlp.nope"]), progress=False)
+    with pytest.raises(ConfigError, match="--param_ids 42 is out of range"):
+        run_rmu(tiny_cfg(tmp_path, model_dir, corpus, param_ids=[42]), progress=False)
+
+
+def test_saved_checkpoint_keeps_original_dtype(tmp_path):
+    """A bf16-stored checkpoint trained in float32 is saved back in bf16, other tensors intact."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_model(tmp_path / "fp32", arch="llama", num_hidden_layers=2)
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(torch.bfloat16)
+    m.save_pretrained(str(tmp_path / "bf16"))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            (tmp_path / "bf16" / f.name).write_bytes(f.read_bytes())
+    corpus = write_corpora(tmp_path / "corpora")
+    cfg = tiny_cfg(
+        tmp_path, tmp_path / "bf16", corpus, layer_id=1, layer_ids=[1], max_num_batches=2
+    )
+    res = run_rmu(cfg, progress=False)
+    orig = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    saved = load_file(str(res.output_dir / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert saved[name].dtype == torch.bfloat16
+    assert not torch.equal(saved[name], orig[name])
+    torch.testing.assert_close(saved[name], res.params[name].to(torch.bfloat16), rtol=0, atol=0)
+    assert all(torch.equal(saved[k], v) for k, v in orig.items() if k != name)

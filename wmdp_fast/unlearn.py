@@ -1,0 +1,382 @@
+"""CLI: python -m wmdp_fast.unlearn — RMU unlearning, the published recipe computed fast.
+
+Flag names are those of the WMDP repository's `rmu/unlearn.py`; the defaults are the published
+Zephyr-7B-beta run. Without --model_name_or_path the embedded offline demo runs (a tiny model
+and an invented knowledge world): evaluation before, RMU, evaluation after, a before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from wmdp_fast.errors import ConfigError, WmdpFastError
+
+PUBLISHED = {
+    "layer_id": 7,
+    "layer_ids": [5, 6, 7],
+    "param_ids": [6],
+    "steering_coeffs": [6.5, 6.5],
+    "alpha": [1200.0, 1200.0],
+    "lr": 5e-5,
+    "min_len": 0,
+    "max_len": 2000,
+    "batch_size": 4,
+    "max_num_batches": 150,
+    "forget_corpora": ["bio-forget-corpus", "cyber-forget-corpus"],
+    "retain_corpora": ["wikitext", "wikitext"],
+    "seed": 42,
+}
+DEMO_OUTPUT_DIR = "wmdp_fast_demo"
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _param_ids(s: str) -> list[int | str]:
+    return [int(x) if x.isdigit() else x for x in _names(s)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m wmdp_fast.unlearn",
+        description=(
+            "RMU unlearning (WMDP paper) with the published script's flags. Defaults are the "
+            "published Zephyr-7B-beta recipe: --layer_id 7 --layer_ids 5,6,7 --param_ids 6 "
+            "--steering_coeffs 6.5,6.5 --alpha 1200,1200 --lr 5e-5 --batch_size 4 "
+            "--max_num_batches 150 --forget_corpora bio-forget-corpus,cyber-forget-corpus "
+            "--retain_corpora wikitext,wikitext --seed 42. Without --model_name_or_path the "
+            "embedded offline demo runs."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pub = p.add_argument_group("published flags (rmu/unlearn.py)")
+    pub.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="hub name or local directory (published: HuggingFaceH4/zephyr-7b-beta); "
+        "omit to run the embedded demo",
+    )
+    pub.add_argument(
+        "--layer_id", type=int, default=None, help="layer whose output is trained (published: 7)"
+    )
+    pub.add_argument(
+        "--layer_ids", type=_ints, default=None, help="layers to update (published: 5,6,7)"
+    )
+    pub.add_argument(
+        "--param_ids",
+        type=_param_ids,
+        default=None,
+        help="parameter indices in list(layer.parameters()) or names such as "
+        "mlp.down_proj.weight (published: 6 = mlp.down_proj.weight for Mistral/Llama; "
+        "9 for Qwen2)",
+    )
+    pub.add_argument(
+        "--steering_coeffs",
+        type=_floats,
+        default=None,
+        help="one per forget corpus (published: 6.5,6.5)",
+    )
+    pub.add_argument(
+        "--alpha",
+        type=_floats,
+        default=None,
+        help="retain weights, one per forget corpus (published: 1200,1200)",
+    )
+    pub.add_argument("--lr", type=float, default=None, help="AdamW learning rate (published: 5e-5)")
+    pub.add_argument(
+        "--min_len",
+        type=int,
+        default=None,
+        help="keep documents longer than this many characters (published: 0)",
+    )
+    pub.add_argument(
+        "--max_len",
+        type=int,
+        default=None,
+        help="accepted for compatibility; unused, as in the published script (2000)",
+    )
+    pub.add_argument(
+        "--batch_size", type=int, default=None, help="documents per batch (published: 4)"
+    )
+    pub.add_argument(
+        "--max_num_batches", type=int, default=None, help="training steps at most (published: 150)"
+    )
+    pub.add_argument(
+        "--forget_corpora",
+        type=_names,
+        default=None,
+        help="comma-separated (published: bio-forget-corpus,cyber-forget-corpus)",
+    )
+    pub.add_argument(
+        "--retain_corpora",
+        type=_names,
+        default=None,
+        help="comma-separated (published: wikitext,wikitext)",
+    )
+    pub.add_argument(
+        "--seed", type=int, default=None, help="seed for the control vectors (published: 42)"
+    )
+    pub.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the unlearned model goes (default: models/<name>_alpha-..._<date>; demo: ./wmdp_fast_demo)",
+    )
+    pub.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also log activation norms and cosine similarities per step",
+    )
+
+    add = p.add_argument_group("added by wmdp_fast")
+    add.add_argument(
+        "--corpus-dir",
+        dest="corpus_dir",
+        default=None,
+        help="offline corpora DIR/<name>.jsonl, one document per line (wikitext: the "
+        'wikitext-2-raw-v1 test lines as {"text": ...}); non-wikitext corpora are '
+        "read from ./data like the published script when omitted",
+    )
+    add.add_argument(
+        "--corpus-mode",
+        dest="corpus_mode",
+        choices=("exact", "clean"),
+        default="exact",
+        help="exact: non-bio corpora use the raw line as text (published quirk); clean: parse JSON text",
+    )
+    add.add_argument(
+        "--control-vectors",
+        dest="control_vectors",
+        default=None,
+        help="safetensors file with a float32 tensor control_vectors [K, hidden_size], used instead of drawing them",
+    )
+    add.add_argument(
+        "--mask-padding",
+        dest="mask_padding",
+        action="store_true",
+        help="leave padding positions out of both MSEs (the published loss includes them)",
+    )
+    add.add_argument(
+        "--optimizer-dtype",
+        dest="optimizer_dtype",
+        choices=("model", "float32"),
+        default="model",
+        help="AdamW states in the model dtype (published) or float32 with a float32 master copy",
+    )
+    add.add_argument(
+        "--load-in-4bit",
+        dest="load_in_4bit",
+        action="store_true",
+        help="quantize the frozen prefix (layers below min(layer_ids)) to NF4; the cache becomes an approximation",
+    )
+    add.add_argument(
+        "--load-in-8bit",
+        dest="load_in_8bit",
+        action="store_true",
+        help="quantize the frozen prefix to LLM.int8",
+    )
+    add.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the prefix layers on the CPU and stream them through the GPU one at a time to build the cache (exact)",
+    )
+    add.add_argument(
+        "--cache-dir",
+        dest="cache_dir",
+        default=None,
+        help="keep the activation cache on disk here and reuse it when nothing that determines it changed",
+    )
+    add.add_argument(
+        "--cache-format",
+        dest="cache_format",
+        choices=("bf16", "int8"),
+        default="bf16",
+        help="cached layer inputs in the model dtype, or int8 with a per-position scale (half the memory, approximate)",
+    )
+    add.add_argument(
+        "--cache-device",
+        dest="cache_device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the cache lives during training (auto: GPU when small, else pinned CPU memory streamed per step)",
+    )
+    add.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (bf16 on CUDA, float32 on CPU), bf16, float16, float32",
+    )
+    add.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)"
+    )
+    add.add_argument(
+        "--eval",
+        dest="eval_tasks",
+        type=_names,
+        default=None,
+        help="score these tasks before and after (e.g. wmdp,mmlu; demo_forget,demo_retain)",
+    )
+    add.add_argument(
+        "--eval-data-dir",
+        dest="eval_data_dir",
+        default=None,
+        help="local mirror of the evaluation data",
+    )
+    add.add_argument(
+        "--eval-limit", dest="eval_limit", type=int, default=None, help="first N questions per task"
+    )
+    add.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every",
+        type=int,
+        default=0,
+        help="write a training checkpoint every N steps (Ctrl-C always writes one)",
+    )
+    add.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint of an interrupted run with the same flags",
+    )
+    add.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --output_dir"
+    )
+    add.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    add.add_argument(
+        "--quiet", action="store_true", help="no per-step log lines and no progress bars"
+    )
+    add.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """(RMUConfig, is_demo) from parsed arguments: published defaults, or the demo's settings
+    when no model is given (flags given explicitly still win)."""
+    from wmdp_fast.rmu import RMUConfig
+
+    demo = args.model_name_or_path is None
+    base = dict(PUBLISHED)
+    extra = {}
+    if demo:
+        from wmdp_fast import demo as demo_pkg
+
+        base.update({k: v for k, v in demo_pkg.DEMO_RMU_ARGS.items() if k in PUBLISHED})
+        extra["model_name_or_path"] = str(demo_pkg.demo_model_dir())
+        extra["corpus_dir"] = args.corpus_dir or str(demo_pkg.DEMO_CORPUS_DIR)
+        extra["output_dir"] = args.output_dir or DEMO_OUTPUT_DIR
+        extra["eval_tasks"] = args.eval_tasks or list(demo_pkg.DEMO_TASKS)
+    values = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    fields = dict(
+        model_name_or_path=args.model_name_or_path,
+        output_dir=args.output_dir,
+        verbose=args.verbose,
+        corpus_dir=args.corpus_dir,
+        corpus_mode=args.corpus_mode,
+        control_vectors=args.control_vectors,
+        mask_padding=args.mask_padding,
+        optimizer_dtype=args.optimizer_dtype,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        offload=args.offload,
+        cache_dir=args.cache_dir,
+        cache_format=args.cache_format,
+        cache_device=args.cache_device,
+        dtype=args.dtype,
+        device=args.device,
+        eval_tasks=args.eval_tasks or [],
+        eval_data_dir=args.eval_data_dir,
+        eval_limit=args.eval_limit,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
+    fields.update(values)
+    fields.update(extra)
+    return RMUConfig(**fields), demo
+
+
+def _table(before: dict, after: dict) -> str:
+    names = list(dict.fromkeys([*before, *after]))
+    w = max(len("task"), *(len(n) for n in names))
+    lines = [f"{'task':<{w}}  {'before':>7}  {'after':>7}  {'change':>7}"]
+    for n in names:
+        b = (before.get(n) or {}).get("acc")
+        a = (after.get(n) or {}).get("acc")
+        fmt = lambda x: f"{100 * x:6.1f}%" if x is not None else "      -"  # noqa: E731
+        d = f"{100 * (a - b):+6.1f}" if a is not None and b is not None else "      -"
+        lines.append(f"{n:<{w}}  {fmt(b):>7}  {fmt(a):>7}  {d:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("wmdp_fast").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        from wmdp_fast.rmu import plot_accuracy, run_rmu
+
+        cfg, demo = config_from_args(args)
+        if demo:
+            print(
+                "No --model_name_or_path given: running the embedded offline DEMO (a tiny model "
+                "and an invented knowledge world: forget = made-up creatures, retain = made-up "
+                f"towns). Output: {cfg.output_dir}/. For a real run pass --model_name_or_path, "
+                "e.g. HuggingFaceH4/zephyr-7b-beta (see --help)."
+            )
+        if cfg.load_in_4bit and cfg.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+        result = run_rmu(cfg, progress=not args.quiet)
+        rep = result.report
+        print(
+            "Updated tensors: "
+            + ", ".join(
+                f"{p['name']} {tuple(p['shape'])} {p['dtype']}" for p in rep["params_updated"]
+            )
+        )
+        last = rep["losses"][-1] if rep["losses"] else None
+        if last:
+            print(
+                f"Final step {last['step']}: loss {last['loss']:.4g} (forget {last['forget_loss']:.4g}, "
+                f"retain {last['retain_loss']:.4g}); {len(rep['losses'])} steps, "
+                f"{rep['timings']['per_step_s'] * 1000:.1f} ms/step"
+            )
+        if rep.get("eval_before") is not None and rep.get("eval_after") is not None:
+            print(_table(rep["eval_before"], rep["eval_after"]))
+            if demo:
+                plot_accuracy(
+                    rep["eval_before"], rep["eval_after"], result.output_dir / "accuracy.png"
+                )
+        print(f"Saved the unlearned model, rmu_report.json and losses.png to {result.output_dir}")
+        if args.debug:
+            print(json.dumps(rep["timings"], indent=1))
+        return 0
+    except WmdpFastError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,9 +54,11 @@ def _bench_cuda(fn, grad_to_none) -> tuple[float, float, float]:
     return med, lo, hi
 
 
-def _peak_extra_mb(fn, device) -> float | None:
+def _peak_extra_mb(fn, device, h) -> float | None:
+    """Peak allocated during fn above the inputs (h.grad freed first: it is part of the cost)."""
     if device.type != "cuda":
         return None
+    h.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -95,7 +97,7 @@ def bench_shape(B, T, D, device, dtype, reps: int, target_kind: str) -> list:
             med, lo, hi = _bench_cuda(step, [h])
         else:
             med, lo, hi = _bench_cpu(step, reps)
-        peak = _peak_extra_mb(step, device)
+        peak = _peak_extra_mb(step, device, h)
         gbs = (2 * h.numel() * h.element_size() + tgt.nbytes) / (med * 1e-3) / 1e9
         rows.append((name, med, lo, hi, gbs, peak))
     return rows

@@ -25,6 +25,7 @@ _lock = threading.Lock()
 _launch_lock = threading.RLock()
 _interpreted: dict[str, ModuleType] = {}
 _shadows: dict = {}
+_triton_imported = False
 
 
 @contextlib.contextmanager
@@ -45,11 +46,15 @@ def _import_triton_compiled() -> None:
     """Imports triton (and the parts it imports lazily at launch) with TRITON_INTERPRET unset,
     unless the user set it: importing triton under the interpreter turns its standard library
     (tl.sum, ...) into interpreted functions that the GPU compiler cannot use."""
+    global _triton_imported
+    if _triton_imported:
+        return
     import triton
     import triton.language  # noqa: F401
 
     with contextlib.suppress(Exception):
         import triton.experimental.gluon  # noqa: F401
+    _triton_imported = True
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ int8/bf16 cache entry (dequantised here, in registers). One program per position
   stage 2  one program sums the row partials in a fixed order and applies scale / count.
 
 No float atomics: the same inputs give bitwise the same loss and gradient on every run. The
-backward only rescales the stored gradient when grad_output != 1. `rmu_loss` runs RMU's
+backward scales the stored gradient in place by grad_output, in a kernel that exits at once
+when grad_output == 1 (checked on the device: no host sync, no memory traffic). `rmu_loss` runs RMU's
 forget and retain terms in ONE stage-1 launch (programs [0, N_f) take the forget rows, the
 rest the retain rows) and one stage-2 launch.
 
@@ -30,6 +31,7 @@ from wmdp_fast.reference import PackedActivations
 
 MAX_BLOCK_D = 8192
 FINISH_BLOCK = 1024
+RESCALE_BLOCK = 4096
 # triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
 # it was imported (kernels.load sets it for the interpreted copy).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -223,6 +225,34 @@ def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.cons
     tl.store(out_ptr + 2, b)
 
 
+@triton.jit
+def _rescale_kernel(
+    a_ptr,
+    b_ptr,
+    f_ptr,
+    na,
+    nb,
+    blocks_a,
+    A_MANUAL_BF16: tl.constexpr,
+    B_MANUAL_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """a *= f and b *= f in place (programs [0, blocks_a) take a); nothing when f == 1."""
+    f = tl.load(f_ptr)
+    if f != 1.0:
+        pid = tl.program_id(0)
+        if pid < blocks_a:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(a_ptr + offs, mask=offs < na, other=0.0).to(tl.float32)
+            y = _cast_out(x * f, a_ptr.dtype.element_ty, A_MANUAL_BF16)
+            tl.store(a_ptr + offs, y, mask=offs < na)
+        else:
+            offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(b_ptr + offs, mask=offs < nb, other=0.0).to(tl.float32)
+            y = _cast_out(x * f, b_ptr.dtype.element_ty, B_MANUAL_BF16)
+            tl.store(b_ptr + offs, y, mask=offs < nb)
+
+
 # --- host side ---------------------------------------------------------------------------------
 
 
@@ -345,24 +375,49 @@ def loss_forward(fterm: _Term, rterm: _Term):
     return out, fterm.grad, rterm.grad
 
 
-def _rescale(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    # The stored gradient assumed grad_output == 1 (a sync to check, as Liger-Kernel does).
-    if torch.equal(grad_output, torch.ones((), dtype=grad_output.dtype, device=grad.device)):
-        return grad
-    return grad * grad_output.to(grad.dtype)
+def rescale_(grads: list, grad_output: torch.Tensor) -> None:
+    """grads[i] *= grad_output in place, in one launch, skipped on the device when grad_output
+    is 1 (no host sync, no memory traffic)."""
+    factor = grad_output.detach().to(torch.float32).reshape(1)
+    ga = grads[0]
+    gb = grads[1] if len(grads) > 1 else ga  # ga again as a placeholder, 0 elements taken
+    na, nb = ga.numel(), (gb.numel() if len(grads) > 1 else 0)
+    ba, bb = triton.cdiv(na, RESCALE_BLOCK), triton.cdiv(nb, RESCALE_BLOCK)
+    with _launch_ctx():
+        _rescale_kernel[(ba + bb,)](
+            ga, gb, factor, na, nb, ba,
+            A_MANUAL_BF16=INTERPRETED and ga.dtype == torch.bfloat16,
+            B_MANUAL_BF16=INTERPRETED and gb.dtype == torch.bfloat16,
+            BLOCK=RESCALE_BLOCK, num_warps=8,
+        )  # fmt: skip
+
+
+def _backward_grads(ctx, grads: list, grad_output: torch.Tensor) -> list:
+    """The forward stored d(loss)/d(hidden) for grad_output == 1. First backward: scale those
+    buffers in place (a no-op on the device when grad_output is 1). A later backward through
+    the same graph (retain_graph=True) rescales out of place from the previous grad_output."""
+    if ctx.prev_grad_output is None:
+        live = [g for g in grads if g is not None]
+        if live:
+            rescale_(live, grad_output)
+        ctx.prev_grad_output = grad_output.detach().clone()
+        return grads
+    ratio = grad_output / ctx.prev_grad_output
+    return [None if g is None else g * ratio.to(g.dtype) for g in grads]
 
 
 class RMUMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, target, mask, scale, count):
         loss, grad = mse_forward(hidden, target, mask, scale, count, write_grad=True)
-        ctx.save_for_backward(grad)
+        # kept as an attribute, not save_for_backward: backward scales it in place
+        ctx.grad, ctx.prev_grad_output = grad, None
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _rescale(grad, grad_output), None, None, None, None
+        (grad,) = _backward_grads(ctx, [ctx.grad], grad_output)
+        return grad, None, None, None, None
 
 
 class RMULossFunction(torch.autograd.Function):
@@ -370,17 +425,16 @@ class RMULossFunction(torch.autograd.Function):
     def forward(ctx, h_forget, h_retain, fterm, rterm):
         out, grad_f, grad_r = loss_forward(fterm, rterm)
         fterm.grad = rterm.grad = None  # the terms must not keep the buffers alive
-        ctx.has_f, ctx.has_r = fterm.write_grad, rterm.write_grad
-        ctx.save_for_backward(grad_f if ctx.has_f else None, grad_r if ctx.has_r else None)
+        ctx.grad_f = grad_f if fterm.write_grad else None
+        ctx.grad_r = grad_r if rterm.write_grad else None
+        ctx.prev_grad_output = None
         total, forget, retain = out[0], out[1], out[2]
         ctx.mark_non_differentiable(forget, retain)
         return total, forget, retain
 
     @staticmethod
     def backward(ctx, grad_total, _grad_forget, _grad_retain):
-        grad_f, grad_r = ctx.saved_tensors
-        gf = _rescale(grad_f, grad_total) if ctx.has_f and ctx.needs_input_grad[0] else None
-        gr = _rescale(grad_r, grad_total) if ctx.has_r and ctx.needs_input_grad[1] else None
+        gf, gr = _backward_grads(ctx, [ctx.grad_f, ctx.grad_r], grad_total)
         return gf, gr, None, None
 
 

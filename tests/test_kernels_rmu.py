@@ -155,6 +155,26 @@ def test_deterministic_bitwise(device):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+def test_backward_twice_with_retain_graph(device):
+    """The stored gradient is scaled in place on the first backward; a second backward through
+    the same graph must still give grad_output * d(loss)/d(hidden)."""
+    h = _rand(3, 4, 50, device=device).requires_grad_(True)
+    t = _rand(3, 4, 50, seed=1, device=device)
+    loss = ops.rmu_mse(h, t, scale=2.0)
+    _assert_kernel(loss.grad_fn)
+    torch.autograd.backward(loss, torch.tensor(2.0, device=device), retain_graph=True)
+    torch.autograd.backward(loss, torch.tensor(3.0, device=device), retain_graph=True)
+    loss.backward()
+    want = 6.0 * 2.0 / h.numel() * 2.0 * (h.detach() - t)
+    torch.testing.assert_close(h.grad, want, rtol=1e-6, atol=1e-9)
+    h.grad = None
+    total = ops.rmu_loss(h, t[:1, :1], h, t, 5.0)[0]
+    torch.autograd.backward(total, torch.tensor(0.5, device=device), retain_graph=True)
+    total.backward()
+    want = 1.5 * 2.0 / h.numel() * ((h.detach() - t[:1, :1]) + 5.0 * (h.detach() - t))
+    torch.testing.assert_close(h.grad, want, rtol=1e-5, atol=1e-9)
+
+
 def test_rmu_loss_one_launch_matches_reference(device):
     hf = _rand(2, 7, 64, dtype=torch.bfloat16, device=device)
     hr = _rand(3, 5, 64, dtype=torch.bfloat16, seed=1, device=device)

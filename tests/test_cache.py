@@ -1,0 +1,171 @@
+"""The activation cache: faithful capture and replay, keyed by everything that determines it,
+stale and corrupted files detected and rebuilt."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_rmu_parity import tiny_cfg, write_corpora
+
+from wmdp_fast.cache import capture_layer_inputs
+from wmdp_fast.rmu import replay, run_rmu
+from wmdp_fast.testing import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    model_dir = make_tiny_model(d / "model", arch="mistral", num_hidden_layers=3)
+    corpus = write_corpora(d / "corpora")
+    return model_dir, corpus
+
+
+def test_replay_of_captured_inputs_equals_hooked_full_forward(tiny):
+    """Layers first..layer_id replayed on the captured hidden states + kwargs give exactly the
+    layer_id output of a full forward (left padding, truncation included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=False)
+    tok.pad_token_id, tok.padding_side = tok.eos_token_id, "left"
+    texts = ("a short one", "a much longer document " * 12, "mid length text here")
+    [cached] = capture_layer_inputs(
+        model, tok, [(texts, 20)], 1, torch.device("cpu"), torch.device("cpu"), progress=False
+    )
+    assert cached.hidden.shape[1] == 20 and cached.token_mask[0, 0] == 0  # left padded, cut
+    assert cached.kwargs["use_cache"] is False and "position_embeddings" in cached.kwargs
+    out = []
+    h = model.model.layers[2].register_forward_hook(lambda m, i, o: out.append(o))
+    with torch.no_grad():
+        model(**tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=20))
+        replayed = replay(model.model.layers[1:3], cached.hidden, cached.kwargs)
+    h.remove()
+    assert torch.equal(replayed, out[0])
+
+
+def _params(res):
+    return {k: v.clone() for k, v in res.params.items()}
+
+
+def test_cache_hit_miss_stale_and_corrupted(tmp_path, tiny, caplog):
+    model_dir, corpus = tiny
+    cache_dir = tmp_path / "cache"
+
+    def run(name, **kw):
+        cfg = tiny_cfg(
+            tmp_path / name,
+            model_dir,
+            kw.pop("corpus", corpus),
+            max_num_batches=3,
+            cache_dir=str(cache_dir),
+            **kw,
+        )
+        return run_rmu(cfg, progress=False)
+
+    first = run("a")
+    assert first.report["cache"]["hit"] is False
+    path = Path(first.report["cache"]["path"])
+    assert (path / "activations.safetensors").is_file() and (path / "meta.json").is_file()
+    assert not list(path.glob("*.pkl")) and not list(path.glob("*.pt"))
+
+    second = run("b")
+    assert second.report["cache"]["hit"] is True
+    assert second.report["cache"]["fingerprint"] == first.report["cache"]["fingerprint"]
+    for k, v in first.params.items():
+        assert torch.equal(second.params[k], v)
+
+    # a changed setting (other first layer / other cache format) is a different cache
+    other_layer = run("c", layer_ids=[2])
+    assert other_layer.report["cache"]["hit"] is False
+    assert other_layer.report["cache"]["fingerprint"] != first.report["cache"]["fingerprint"]
+
+    # changed data: one document edited
+    corpus2 = tmp_path / "corpora2"
+    corpus2.mkdir()
+    for f in corpus.iterdir():
+        (corpus2 / f.name).write_text(f.read_text())
+    lines = (corpus2 / "bio-forget-corpus.jsonl").read_text().splitlines(keepends=True)
+    lines[0] = json.dumps({"text": "an edited first document"}) + "\n"
+    (corpus2 / "bio-forget-corpus.jsonl").write_text("".join(lines))
+    changed_data = run("d", corpus=corpus2)
+    assert changed_data.report["cache"]["hit"] is False
+
+    # corrupted tensor file: detected by checksum, rebuilt, same results as before
+    blob = bytearray((path / "activations.safetensors").read_bytes())
+    blob[-100] ^= 0xFF
+    (path / "activations.safetensors").write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+        rebuilt = run("e")
+    assert "corrupted" in caplog.text
+    assert rebuilt.report["cache"]["hit"] is False
+    for k, v in first.params.items():
+        assert torch.equal(rebuilt.params[k], v)
+    assert run("f").report["cache"]["hit"] is True  # the rebuilt file is valid again
+
+    # stale metadata (fingerprint of other settings in the folder) is refused
+    meta = json.loads((path / "meta.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (path / "meta.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+        assert run("g").report["cache"]["hit"] is False
+    assert "stale" in caplog.text
+
+
+def test_changed_model_weights_are_not_served_stale(tmp_path, tiny):
+    """Editing a prefix weight (layer 0, below min(layer_ids) = 1) changes the cache key;
+    editing a weight above layer_id does not touch what the cache holds."""
+    model_dir, corpus = tiny
+    cache_dir = tmp_path / "cache"
+
+    def copy_model(dst: Path, edit: str | None) -> Path:
+        dst.mkdir()
+        for f in Path(model_dir).iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        if edit:
+            sd = load_file(str(dst / "model.safetensors"))
+            sd[edit] = sd[edit] + 0.01
+            save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return dst
+
+    def run(name, mdir):
+        cfg = tiny_cfg(tmp_path / name, mdir, corpus, max_num_batches=2, cache_dir=str(cache_dir))
+        return run_rmu(cfg, progress=False)
+
+    base = run("a", copy_model(tmp_path / "m0", None))
+    prefix = run("b", copy_model(tmp_path / "m1", "model.layers.0.mlp.up_proj.weight"))
+    assert prefix.report["cache"]["hit"] is False
+    assert any(not torch.equal(prefix.params[k], v) for k, v in base.params.items())
+    embed = run("c", copy_model(tmp_path / "m2", "model.embed_tokens.weight"))
+    assert embed.report["cache"]["hit"] is False
+    above = run("d", copy_model(tmp_path / "m3", "lm_head.weight"))
+    assert above.report["cache"]["hit"] is True
+    for k, v in base.params.items():
+        assert torch.equal(above.params[k], v)
+
+
+def test_int8_cache_is_close_and_keyed_separately(tmp_path, tiny):
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path / "a", model_dir, corpus, max_num_batches=3, cache_dir=str(tmp_path))
+    exact = run_rmu(cfg, progress=False)
+    cfg8 = tiny_cfg(
+        tmp_path / "b",
+        model_dir,
+        corpus,
+        max_num_batches=3,
+        cache_dir=str(tmp_path),
+        cache_format="int8",
+    )
+    approx = run_rmu(cfg8, progress=False)
+    assert approx.report["cache"]["hit"] is False and approx.report["cache"]["exact"] is False
+    assert approx.report["cache"]["bytes"] < exact.report["cache"]["bytes"]
+    l_exact = torch.tensor([r["forget_loss"] for r in exact.report["losses"]])
+    l_int8 = torch.tensor([r["forget_loss"] for r in approx.report["losses"]])
+    torch.testing.assert_close(l_int8, l_exact, rtol=2e-2, atol=0)
+    assert not torch.equal(l_int8, l_exact)

@@ -1,0 +1,56 @@
+"""The engine on CUDA: same numbers as on the CPU (float32), sane in bf16. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from wmdp_fast.data import MCQTask
+from wmdp_fast.evaluate import evaluate
+from wmdp_fast.testing import make_tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _docs(n=40, seed=0):
+    rng = random.Random(seed)
+    words = "virus gene exploit buffer kernel toxin reagent the a of which".split()
+    return [
+        {
+            "question": " ".join(rng.choice(words) for _ in range(rng.randint(5, 120))) + "?",
+            "choices": [
+                " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(4)
+            ],
+            "answer": rng.randint(0, 3),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_cuda_matches_cpu(tmp_path):
+    from wmdp_fast.models import load_model, load_tokenizer
+
+    path = make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=64)
+    tok = load_tokenizer(str(path))
+    task = MCQTask("t", "biology", "synthetic", _docs())
+    cpu = evaluate(
+        load_model(str(path), "float32", "cpu"), tok, [task], log_samples=True, progress=False
+    )
+    gpu_model = load_model(str(path), "float32", "cuda")
+    gpu = evaluate(gpu_model, tok, [task], log_samples=True, progress=False)
+    gpu1 = evaluate(gpu_model, tok, [task], batch_tokens=1, log_samples=True, progress=False)
+    for a, b, c in zip(cpu["samples"], gpu["samples"], gpu1["samples"]):
+        for x, y, z in zip(a["loglikelihoods"], b["loglikelihoods"], c["loglikelihoods"]):
+            assert abs(x - y) <= 1e-3 and abs(y - z) <= 1e-3
+    same = sum(a["pred"] == b["pred"] for a, b in zip(cpu["samples"], gpu["samples"]))
+    assert same >= len(task.docs) - 1
+    bf16 = evaluate(
+        load_model(str(path), "bf16", "cuda"), tok, [task], log_samples=True, progress=False
+    )
+    agree = sum(a["pred"] == b["pred"] for a, b in zip(cpu["samples"], bf16["samples"]))
+    assert agree >= 0.75 * len(task.docs)

@@ -301,3 +301,17 @@ def test_argument_errors_name_the_argument():
 def test_reference_twin_is_what_ops_calls_on_cpu():
     h, t = _rand(2, 5, 16), _rand(2, 5, 16, seed=1)
     assert torch.equal(ops.rmu_mse(h, t, scale=2.0), reference.rmu_mse(h, t, None, 2.0))
+
+
+def test_docs_example_runs(capsys):
+    """The runnable CPU example in docs/fused_ops.md (README section) runs and trains."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "fused_ops.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    example = next(b for b in blocks if "torch.manual_seed(0)" in b)
+    exec(compile(example, str(doc), "exec"), {})
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+) =", out)]
+    assert len(losses) == 3 and losses[2] < losses[0]

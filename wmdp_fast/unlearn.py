@@ -276,7 +276,13 @@ def config_from_args(args: argparse.Namespace):
         from wmdp_fast import demo as demo_pkg
 
         base.update({k: v for k, v in demo_pkg.DEMO_RMU_ARGS.items() if k in PUBLISHED})
-        extra["model_name_or_path"] = str(demo_pkg.demo_model_dir())
+        demo_dir = demo_pkg.demo_model_dir()
+        if not (demo_dir / "config.json").is_file():
+            raise ConfigError(
+                f"no --model_name_or_path given and the embedded demo model is missing "
+                f"({demo_dir}); pass --model_name_or_path (e.g. HuggingFaceH4/zephyr-7b-beta)"
+            )
+        extra["model_name_or_path"] = str(demo_dir)
         extra["corpus_dir"] = args.corpus_dir or str(demo_pkg.DEMO_CORPUS_DIR)
         extra["output_dir"] = args.output_dir or DEMO_OUTPUT_DIR
         extra["eval_tasks"] = args.eval_tasks or list(demo_pkg.DEMO_TASKS)

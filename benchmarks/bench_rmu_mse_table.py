@@ -127,6 +127,13 @@ def main(argv=None) -> int:
         help="B,T,D;B,T,D;... (default: the issue's shapes on cuda, small on cpu)",
     )
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: on a shared machine more threads "
+        "make the timings noise)",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -136,7 +143,8 @@ def main(argv=None) -> int:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    torch.set_num_threads(torch.get_num_threads())
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     rows = run(device, DTYPES[args.dtype], shapes, args.reps, args.target)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(

@@ -1,0 +1,86 @@
+"""models.py additions for RMU: parameter selection, layer validation, saving a checkpoint with
+only some tensors replaced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wmdp_fast.errors import ConfigError, ModelError
+from wmdp_fast.models import save_updated_checkpoint, select_params, validate_layers
+from wmdp_fast.testing import tiny_config
+
+
+def _model(arch):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, num_hidden_layers=3, vocab_size=128))
+
+
+@pytest.mark.parametrize("arch,index", [("mistral", 6), ("llama", 6), ("qwen2", 9)])
+def test_select_params_by_index_and_name(arch, index):
+    m = _model(arch)
+    by_name = select_params(m, [0, 2], ["mlp.down_proj.weight"])
+    by_index = select_params(m, [0, 2], [index])
+    assert [n for n, _ in by_name] == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    ]
+    assert all(a is b for (_, a), (_, b) in zip(by_name, by_index))
+    assert by_name[1][1] is m.model.layers[2].mlp.down_proj.weight
+    # published order: layer by layer, then by parameter index (not by the order given)
+    two = select_params(m, [1], [index, 0])
+    assert [n for n, _ in two] == [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+
+
+def test_select_and_validate_errors():
+    m = _model("mistral")
+    with pytest.raises(ConfigError, match="6=mlp.down_proj.weight"):
+        select_params(m, [0], [99])
+    with pytest.raises(ConfigError, match="not a parameter"):
+        select_params(m, [0], ["mlp.missing.weight"])
+    assert validate_layers(m, 2, [0, 1, 2]) == 3
+    with pytest.raises(ConfigError, match="--layer_id 3"):
+        validate_layers(m, 3, [1])
+    with pytest.raises(ConfigError, match="above --layer_id"):
+        validate_layers(m, 1, [1, 2])
+    with pytest.raises(ConfigError, match="out of range"):
+        validate_layers(m, 2, [-1])
+
+
+def test_save_updated_checkpoint_sharded(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    a = {"x.a": torch.randn(3, 4, dtype=torch.bfloat16), "x.b": torch.randn(2)}
+    b = {"y.c": torch.randn(5)}
+    save_file(a, str(src / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(b, str(src / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wmap = {
+        "x.a": "model-00001-of-00002.safetensors",
+        "x.b": "model-00001-of-00002.safetensors",
+        "y.c": "model-00002-of-00002.safetensors",
+    }
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    new = torch.ones(3, 4, dtype=torch.float32)
+    out = tmp_path / "out"
+    rewritten = save_updated_checkpoint(src, out, {"x.a": new})
+    assert rewritten == ["model-00001-of-00002.safetensors"]
+    s1 = load_file(str(out / "model-00001-of-00002.safetensors"))
+    assert s1["x.a"].dtype == torch.bfloat16 and torch.equal(s1["x.a"], new.to(torch.bfloat16))
+    assert torch.equal(s1["x.b"], a["x.b"])
+    assert torch.equal(load_file(str(out / "model-00002-of-00002.safetensors"))["y.c"], b["y.c"])
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert not (out / "pytorch_model.bin").exists()
+    with pytest.raises(ModelError, match="not in the checkpoint"):
+        save_updated_checkpoint(src, tmp_path / "o2", {"nope": new})
+    with pytest.raises(ModelError, match="shape"):
+        save_updated_checkpoint(src, tmp_path / "o3", {"x.a": torch.ones(2, 2)})

@@ -30,7 +30,7 @@ import triton.language as tl
 from wmdp_fast.reference import PackedActivations
 
 MAX_BLOCK_D = 8192
-FINISH_BLOCK = 1024
+FINISH_BLOCK = 4096
 RESCALE_BLOCK = 4096
 # triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
 # it was imported (kernels.load sets it for the interpreted copy).
@@ -343,7 +343,7 @@ class _Term:
 def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> torch.Tensor:
     out = torch.empty(3, dtype=torch.float32, device=partials.device)
     _finish_kernel[(1,)](
-        partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK, num_warps=4
+        partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK, num_warps=8
     )
     return out
 

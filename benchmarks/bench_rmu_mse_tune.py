@@ -56,8 +56,30 @@ def main() -> None:
         f"rmu_loss fwd+bwd {host_us(lambda: ops.rmu_loss(small, st[:, :1], small, st, 2.0)[0].backward()):.1f} us"
     )
 
+    part = torch.randn(3072, device=dev)
+    out = torch.empty(3, device=dev)
+    launch = host_us(lambda: K._finish_kernel[(1,)](part, 3072, 3072, 1.0, 1.0, out, BLOCK=4096))
+    print(f"host time of one bare Triton launch (7 args): {launch:.1f} us")
+    profile_host(small, st)
     for shape in [(4, 768, 4096), (8, 2048, 8192)]:
         tune_shape(shape)
+
+
+def profile_host(h, t) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        h.grad = None
+        ops.rmu_mse(h, t).backward()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def tune_shape(shape, dev="cuda") -> None:

@@ -3,8 +3,8 @@ matching unpack.
 
 One program per position (row of D values): pass 1 finds absmax over the row, pass 2 writes
 `q = floor(x / scale + 0.5)` clamped to [-127, 127] with `scale = absmax / 127` (IEEE division,
-so the bits equal `reference.int8_quantize`). When the row fits one block (D <= 8192) pass 2
-re-reads it from cache, not from memory. The loss kernels in rmu_mse.py dequantise int8 cache
+so the bits equal `reference.int8_quantize`). Pass 2 re-reads the row from cache (L1/L2),
+not from memory. The loss kernels in rmu_mse.py dequantise int8 cache
 entries themselves; `unpack_int8` is for callers that want the tensor back.
 """
 
@@ -19,7 +19,7 @@ import triton.language as tl
 
 from wmdp_fast.reference import INT8_QMAX, PackedActivations
 
-MAX_BLOCK_D = 8192
+MAX_BLOCK_D = 2048
 # triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
 # it was imported (kernels.load sets it for the interpreted copy).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -83,7 +83,7 @@ def _unpack_int8_kernel(q_ptr, s_ptr, out_ptr, D, MANUAL_BF16: tl.constexpr, BLO
 
 def _settings(D: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(D), MAX_BLOCK_D)
-    return block, 4 if block < 2048 else (8 if block < 8192 else 16)
+    return block, 4 if block >= 1024 else (2 if block >= 256 else 1)
 
 
 def _launch_ctx():

@@ -141,11 +141,12 @@ class _Scorer:
         B, T = ids.shape
         if self.split:
             hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
-            h = hidden.reshape(B * T, -1).index_select(0, flat_rows)
-            logits = self.head(h)
+            h = hidden.reshape(B * T, -1).index_select(0, flat_rows.to(hidden.device))
+            head_device = next(self.head.parameters()).device
+            logits = self.head(h if h.device == head_device else h.to(head_device))
         else:
             full = self.model(input_ids=ids, use_cache=False).logits
-            return full.reshape(B * T, -1).index_select(0, flat_rows).contiguous()
+            return full.reshape(B * T, -1).index_select(0, flat_rows.to(full.device)).contiguous()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.contiguous()

@@ -1,0 +1,187 @@
+"""Engine internals: an independent plain-PyTorch reference of lm-eval's algorithm (full
+forward per request, log_softmax over the vocabulary), Gemma-2 logit softcapping, the
+full-forward fallback, OOM back-off, metrics."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from wmdp_fast import evaluate as ev
+from wmdp_fast.data import MCQTask
+from wmdp_fast.errors import ResourceError
+from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
+from wmdp_fast.testing import save_mistral_tokenizer
+
+
+def _docs(n, seed=0):
+    rng = random.Random(seed)
+    words = "virus gene exploit buffer kernel toxin reagent the a of which".split()
+    return [
+        {
+            "question": " ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) + "?",
+            "choices": [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(4)],
+            "answer": rng.randint(0, 3),
+        }
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return save_mistral_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _gemma2(seed=0):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=96,
+        final_logit_softcapping=5.0, sliding_window=16, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, initializer_range=0.5,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def _mistral(seed=0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    from wmdp_fast.testing import tiny_config
+
+    cfg = tiny_config("mistral", num_hidden_layers=2, **kw)
+    cfg.initializer_range = 0.5
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def reference_logliks(model, tok, task, protocol, max_length):
+    """lm-eval's algorithm written out plainly: one full forward per request, full
+    log_softmax, sum over continuation positions."""
+    proto = get_protocol(protocol)
+    ctxs = [proto.context(d["question"], d["choices"], task.subject) for d in task.docs]
+    out, cache = [], {}
+    for ctx_ids, conts in encode_pairs(
+        tok, ctxs, continuations(), proto.add_special_tokens(model.config.model_type)
+    ):
+        for cont in conts:
+            inp = (ctx_ids + cont)[-(max_length + 1) :][:-1]
+            if tuple(inp) not in cache:  # the 4 single-token answers share one input
+                with torch.no_grad():
+                    logits = model(torch.tensor([inp])).logits[0].float()
+                cache[tuple(inp)] = torch.log_softmax(logits, dim=-1)
+            lp = cache[tuple(inp)][len(inp) - len(cont) :]
+            ll = lp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == torch.tensor(cont)).all())
+            out.append((ll, greedy))
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["lm-eval-current", "lm-eval-0.4.2"])
+def test_gemma2_softcap_sliding_window_truncation_vs_reference(tok, protocol):
+    model = _gemma2()
+    task = MCQTask("t", "biology", "synthetic", _docs(6))
+    res = ev.evaluate(model, tok, [task], protocol=protocol, log_samples=True, progress=False,
+                      batch_tokens=200)  # fmt: skip
+    assert res["max_length"] == 96
+    ref = reference_logliks(model, tok, task, protocol, 96)
+    got = [(ll, g) for s in res["samples"] for ll, g in zip(s["loglikelihoods"], s["is_greedy"])]
+    for (a, ga), (b, gb) in zip(ref, got):
+        assert abs(a - b) <= 1e-4 and ga == gb
+    # softcapping is live: every per-token log-prob is bounded by the capped logit range
+    assert all(ll > -4 * 2 * 5.0 for ll, _ in got)  # |logit| <= 5 -> ll >= -(10 + log V) each
+    # without the cap the numbers differ (so the check above can fail)
+    model.config.final_logit_softcapping = None
+    nocap = ev.evaluate(model, tok, [task], protocol=protocol, log_samples=True, progress=False)
+    assert (
+        max(
+            abs(a - b)
+            for s, t in zip(res["samples"], nocap["samples"])
+            for a, b in zip(s["loglikelihoods"], t["loglikelihoods"])
+        )
+        > 0.1
+    )
+
+
+def test_full_forward_fallback_matches_split_path(tok):
+    model = _mistral()
+
+    class Wrapped(torch.nn.Module):
+        """A causal LM without model.model / lm_head attributes."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    task = MCQTask("t", "biology", "synthetic", _docs(6, seed=1))
+    a = ev.evaluate(model, tok, [task], log_samples=True, progress=False)
+    b = ev.evaluate(Wrapped(model), tok, [task], log_samples=True, progress=False)
+    for s, t in zip(a["samples"], b["samples"]):
+        assert s["pred"] == t["pred"]
+        for x, y in zip(s["loglikelihoods"], t["loglikelihoods"]):
+            assert abs(x - y) <= 1e-4
+
+
+def test_oom_backoff_and_resource_error(tok, monkeypatch):
+    model = _mistral(seed=2)
+    task = MCQTask("t", "biology", "synthetic", _docs(10, seed=2))
+    clean = ev.evaluate(model, tok, [task], log_samples=True, progress=False)
+    real = ev._Scorer.logits_at
+    calls = []
+
+    def flaky(self, ids, flat_rows):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(self, ids, flat_rows)
+
+    monkeypatch.setattr(ev._Scorer, "logits_at", flaky)
+    got = ev.evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=10**6)
+    assert calls[:3] == [10, 5, 2]  # halved until it fits
+    assert [s["loglikelihoods"] for s in got["samples"]] == pytest.approx(
+        [s["loglikelihoods"] for s in clean["samples"]], abs=1e-4
+    )
+
+    def always(self, ids, flat_rows):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ev._Scorer, "logits_at", always)
+    with pytest.raises(ResourceError, match="--load-in-4bit"):
+        ev.evaluate(model, tok, [task], progress=False)
+
+
+def test_metrics_match_lm_eval_formulas():
+    xs = [1.0, 0.0, 0.0, 1.0, 1.0]
+    mu = 0.6
+    assert ev._mean_stderr(xs) == pytest.approx(
+        math.sqrt(sum((x - mu) ** 2 for x in xs) / 4) / math.sqrt(5)
+    )
+    assert ev._mean_stderr([1.0]) is None
+    assert ev._argmax_first([-1.0, -0.5, -0.5, -2.0]) == 1
+    # pooled stderr of two groups equals the stderr of the concatenation when means agree
+    a, b = [1.0, 0.0] * 10, [1.0, 0.0, 1.0, 0.0] * 5
+    pooled = ev._pooled_stderr([ev._mean_stderr(a), ev._mean_stderr(b)], [20, 20])
+    assert pooled == pytest.approx(ev._mean_stderr(a + b), rel=2e-2)
+
+
+def test_group_scores_are_size_weighted(tok):
+    model = _mistral(seed=4)
+    t1 = MCQTask("t1", "biology", "s", _docs(3, seed=5))
+    t2 = MCQTask("t2", "chemistry", "s", _docs(9, seed=6))
+    res = ev.evaluate(model, tok, [t1, t2], groups={"g": ["t1", "t2"]}, progress=False)
+    r = res["results"]
+    assert res["groups"]["g"]["n"] == 12
+    assert res["groups"]["g"]["acc"] == pytest.approx(
+        (3 * r["t1"]["acc"] + 9 * r["t2"]["acc"]) / 12
+    )

@@ -209,3 +209,34 @@ def test_saved_checkpoint_keeps_original_dtype(tmp_path):
     assert not torch.equal(saved[name], orig[name])
     torch.testing.assert_close(saved[name], res.params[name].to(torch.bfloat16), rtol=0, atol=0)
     assert all(torch.equal(saved[k], v) for k, v in orig.items() if k != name)
+
+
+def test_offload_streams_prefix_with_identical_results(tmp_path, tiny):
+    """--offload (prefix layers streamed one at a time over all batches) is exact."""
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=3, layer_id=2, layer_ids=[2])
+    plain = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+    off = run_rmu(tiny_cfg(tmp_path / "b", model_dir, corpus, offload=True, **kw), progress=False)
+    for k, v in plain.params.items():
+        assert torch.equal(off.params[k], v), k
+    assert off.report["losses"] == plain.report["losses"]
+
+
+def test_4bit_prefix_is_approximate_but_saves_full_precision(tmp_path, tiny):
+    """A 4-bit prefix: retain loss still exactly 0 at step 0 (targets from the same inputs),
+    the report says the cache is approximate, and the saved checkpoint keeps every untrained
+    tensor of the original in its original precision."""
+    pytest.importorskip("bitsandbytes")
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2, load_in_4bit=True)
+    res = run_rmu(cfg, progress=False)
+    rep = res.report
+    assert rep["losses"][0]["retain_loss"] == 0.0
+    assert rep["cache"]["exact"] is False and "quantized" in rep["cache"]["note"]
+    orig = load_file(str(Path(model_dir) / "model.safetensors"))
+    saved = load_file(str(res.output_dir / "model.safetensors"))
+    for k, v in orig.items():
+        if k in res.params:
+            assert saved[k].dtype == v.dtype and not torch.equal(saved[k], v)
+        else:
+            assert torch.equal(saved[k], v), k

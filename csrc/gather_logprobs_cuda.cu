@@ -1,13 +1,19 @@
-// CUDA kernel of gather_logprobs.
+// CUDA kernels of gather_logprobs.
 //
-// Kernel 1 (row_stats): one block per distinct row; each thread streams 16-byte vectors of
-// the row, keeping an online (max, sum exp) pair and the first argmax; the block merges them
-// with warp shuffles. Bytes moved: the row once. Kernel 2 (finish): one thread per request
-// sums its pairs in order (deterministic, no atomics).
+// mark:      needed[r] = 1 for every row named in row_index (idempotent stores: no sort, no unique).
+// row_stats: one block per row of `logits`, returning at once for rows nobody asked for. Each
+//            thread streams 16-byte vectors; per vector it takes the max first and rescales its
+//            running sum at most once, then adds exp(x - m) for the vector's elements, so the
+//            inner loop is max / sub / exp2 / add with no per-element branch. The block merges
+//            the (max, sum, first argmax) triples with warp shuffles. Bytes moved: each needed
+//            row once.
+// finish:    one thread per request sums its pairs in order (deterministic, no atomics).
+// A bad row (NaN/+inf, or only -inf) sets a flag and the smallest such row id (atomicOr/atomicMin:
+// order-independent); the host reads it back once to raise an error naming the row.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,49 +25,28 @@
 
 namespace {
 
-constexpr int THREADS = 512;
+constexpr int THREADS = 256;
+constexpr float LOG2E = 1.4426950408889634f;
 
 struct Stat {
-  float m;     // running max
-  float s;     // sum of exp(x - m)
-  int64_t a; // first index of the max
-  int bad;     // NaN or +inf seen
+  float m;    // running max
+  float s;    // sum of exp(x - m)
+  int64_t a;  // first index of the max (-1: none yet)
+  int bad;    // NaN or +inf seen
 };
-
-__device__ __forceinline__ void push(Stat& st, float x, int64_t idx) {
-  if (!(x - x == 0.0f) && x != -INFINITY) {
-    st.bad = 1;
-    return;
-  }
-  if (x > st.m) {
-    st.s = st.s * __expf(st.m - x) + 1.0f;
-    st.m = x;
-    st.a = idx;
-  } else if (st.m != -INFINITY) {
-    st.s += __expf(x - st.m);
-  }
-}
 
 __device__ __forceinline__ Stat merge(Stat a, Stat b) {
   Stat r;
   r.bad = a.bad | b.bad;
-  if (b.m > a.m || (b.m == a.m && b.a >= 0 && (a.a < 0 || b.a < a.a))) {
-    r.m = b.m;
-    r.a = b.a;
-  } else {
-    r.m = a.m;
-    r.a = a.a;
-  }
-  const float sa = a.m == -INFINITY ? 0.0f : a.s * __expf(a.m - r.m);
-  const float sb = b.m == -INFINITY ? 0.0f : b.s * __expf(b.m - r.m);
+  // max, ties to the smaller index (torch.argmax's first-index rule)
+  const bool take_b = (b.a >= 0) && (a.a < 0 || b.m > a.m || (b.m == a.m && b.a < a.a));
+  r.m = take_b ? b.m : a.m;
+  r.a = take_b ? b.a : a.a;
+  const float sa = a.a < 0 ? 0.0f : a.s * exp2f((a.m - r.m) * LOG2E);
+  const float sb = b.a < 0 ? 0.0f : b.s * exp2f((b.m - r.m) * LOG2E);
   r.s = sa + sb;
   return r;
 }
-
-template <typename T>
-struct Vec16 {
-  static constexpr int N = 16 / sizeof(T);
-};
 
 template <typename T>
 __device__ __forceinline__ float tofloat(T x);
@@ -72,59 +57,100 @@ __device__ __forceinline__ float tofloat<__nv_bfloat16>(__nv_bfloat16 x) { retur
 template <>
 __device__ __forceinline__ float tofloat<__half>(__half x) { return __half2float(x); }
 
+// Fold K values starting at index `base` into the thread's Stat.
+template <int K>
+__device__ __forceinline__ void fold(Stat& st, const float (&x)[K], int64_t base) {
+  float vm = x[0];
+  int vi = 0;
+  int nonfinite = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    // NaN and +inf are the values with x - x != 0 other than -inf
+    nonfinite |= !(x[k] - x[k] == 0.0f) && x[k] != -INFINITY;
+    if (x[k] > vm) {
+      vm = x[k];
+      vi = k;
+    }
+  }
+  st.bad |= nonfinite;
+  if (vm == -INFINITY) return;  // contributes nothing (and -inf - -inf would be NaN)
+  if (st.a < 0 || vm > st.m) {
+    st.s = st.a < 0 ? 0.0f : st.s * exp2f((st.m - vm) * LOG2E);
+    st.m = vm;
+    st.a = base + vi;
+  }
+  // (x - m) first: exact for nearby values, so logits of size 1e4 keep their precision
+  float acc = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc += exp2f((x[k] - st.m) * LOG2E);
+  st.s += acc;
+}
+
+__device__ __forceinline__ Stat shfl_merge(Stat st, int off) {
+  Stat o;
+  o.m = __shfl_down_sync(0xffffffff, st.m, off);
+  o.s = __shfl_down_sync(0xffffffff, st.s, off);
+  o.a = __shfl_down_sync(0xffffffff, st.a, off);
+  o.bad = __shfl_down_sync(0xffffffff, st.bad, off);
+  return merge(st, o);
+}
+
+__global__ void mark_kernel(const int64_t* __restrict__ row_index, int64_t M,
+                            unsigned char* __restrict__ needed) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i < M) needed[row_index[i]] = 1;
+}
+
 template <typename T>
-__global__ void row_stats_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t V,
-                                 const int64_t* __restrict__ rows, float* __restrict__ lse,
-                                 int64_t* __restrict__ amax) {
-  const int64_t row = rows[blockIdx.x];
+__global__ void __launch_bounds__(THREADS)
+    row_stats_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t V,
+                     const unsigned char* __restrict__ needed, float* __restrict__ lse,
+                     int64_t* __restrict__ amax, int* __restrict__ bad_flag,
+                     int* __restrict__ bad_row) {
+  const int64_t row = blockIdx.x;
+  if (!needed[row]) return;
   const T* src = logits + row * row_stride;
   Stat st{-INFINITY, 0.0f, -1, 0};
-  constexpr int NV = Vec16<T>::N;
-  // Vector loads need a 16-byte aligned start: handle a misaligned head element-wise.
+  constexpr int NV = 16 / sizeof(T);
+  // Vector loads need a 16-byte aligned start: a misaligned head goes element by element.
   const int64_t mis = (reinterpret_cast<uintptr_t>(src) % 16) / sizeof(T);
   const int64_t head = mis == 0 ? 0 : min(V, (int64_t)(NV - mis));
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) push(st, tofloat<T>(src[i]), i);
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+    const float x[1] = {tofloat<T>(src[i])};
+    fold<1>(st, x, i);
+  }
   const int64_t nvec = (V - head) / NV;
   const uint4* vsrc = reinterpret_cast<const uint4*>(src + head);
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-    uint4 raw = __ldg(vsrc + v);
+    const uint4 raw = __ldg(vsrc + v);
     const T* e = reinterpret_cast<const T*>(&raw);
+    float x[NV];
 #pragma unroll
-    for (int k = 0; k < NV; ++k) push(st, tofloat<T>(e[k]), head + v * NV + k);
+    for (int k = 0; k < NV; ++k) x[k] = tofloat<T>(e[k]);
+    fold<NV>(st, x, head + v * NV);
   }
-  for (int64_t i = head + nvec * NV + threadIdx.x; i < V; i += blockDim.x)
-    push(st, tofloat<T>(src[i]), i);
+  for (int64_t i = head + nvec * NV + threadIdx.x; i < V; i += blockDim.x) {
+    const float x[1] = {tofloat<T>(src[i])};
+    fold<1>(st, x, i);
+  }
 
-  // Warp reduction, then across warps through shared memory.
-  for (int off = 16; off > 0; off >>= 1) {
-    Stat o;
-    o.m = __shfl_down_sync(0xffffffff, st.m, off);
-    o.s = __shfl_down_sync(0xffffffff, st.s, off);
-    o.a = __shfl_down_sync(0xffffffff, st.a, off);
-    o.bad = __shfl_down_sync(0xffffffff, st.bad, off);
-    st = merge(st, o);
-  }
+  for (int off = 16; off > 0; off >>= 1) st = shfl_merge(st, off);
   __shared__ Stat sh[THREADS / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) sh[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < (int)(blockDim.x / 32) ? sh[lane] : Stat{-INFINITY, 0.0f, -1, 0};
-    for (int off = 16; off > 0; off >>= 1) {
-      Stat o;
-      o.m = __shfl_down_sync(0xffffffff, st.m, off);
-      o.s = __shfl_down_sync(0xffffffff, st.s, off);
-      o.a = __shfl_down_sync(0xffffffff, st.a, off);
-      o.bad = __shfl_down_sync(0xffffffff, st.bad, off);
-      st = merge(st, o);
-    }
+    st = lane < THREADS / 32 ? sh[lane] : Stat{-INFINITY, 0.0f, -1, 0};
+    for (int off = 16; off > 0; off >>= 1) st = shfl_merge(st, off);
     if (lane == 0) {
       if (st.bad || st.a < 0) {
-        lse[blockIdx.x] = NAN;
-        amax[blockIdx.x] = -1;
+        lse[row] = NAN;
+        amax[row] = -1;
+        atomicOr(bad_flag, 1);
+        atomicMin(bad_row, (int)min(row, (int64_t)INT32_MAX));
       } else {
-        lse[blockIdx.x] = st.m + logf(st.s);
-        amax[blockIdx.x] = st.a;
+        lse[row] = st.m + logf(st.s);
+        amax[row] = st.a;
       }
     }
   }
@@ -133,7 +159,6 @@ __global__ void row_stats_kernel(const T* __restrict__ logits, int64_t row_strid
 template <typename T>
 __global__ void finish_kernel(const T* __restrict__ logits, int64_t row_stride,
                               const int64_t* __restrict__ row_index,
-                              const int64_t* __restrict__ inverse,
                               const int64_t* __restrict__ target,
                               const int64_t* __restrict__ offsets, const float* __restrict__ lse,
                               const int64_t* __restrict__ amax, int64_t N,
@@ -143,36 +168,36 @@ __global__ void finish_kernel(const T* __restrict__ logits, int64_t row_stride,
   float acc = 0.0f;
   bool g = true;
   for (int64_t i = offsets[n]; i < offsets[n + 1]; ++i) {
-    const int64_t u = inverse[i];
-    acc += tofloat<T>(logits[row_index[i] * row_stride + target[i]]) - lse[u];
-    g = g && (amax[u] == target[i]);
+    const int64_t r = row_index[i];
+    acc += tofloat<T>(logits[r * row_stride + target[i]]) - lse[r];
+    g = g && (amax[r] == target[i]);
   }
   loglik[n] = acc;
   greedy[n] = g;
 }
 
 template <typename T>
-void launch(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& row_index,
-            const at::Tensor& inverse, const at::Tensor& target, const at::Tensor& offsets,
-            at::Tensor& lse, at::Tensor& amax, at::Tensor& loglik, at::Tensor& greedy) {
+void launch(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& target,
+            const at::Tensor& offsets, at::Tensor& needed, at::Tensor& lse, at::Tensor& amax,
+            at::Tensor& flags, at::Tensor& loglik, at::Tensor& greedy) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const T* lp = reinterpret_cast<const T*>(logits.const_data_ptr());
-  const int64_t U = rows.numel();
-  if (U > 0) {
-    row_stats_kernel<T><<<U, THREADS, 0, stream>>>(
-        lp, logits.stride(0), logits.size(1), rows.const_data_ptr<int64_t>(),
-        lse.data_ptr<float>(), amax.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const int64_t R = logits.size(0);
+  const int64_t M = row_index.numel();
+  mark_kernel<<<(M + 255) / 256, 256, 0, stream>>>(row_index.const_data_ptr<int64_t>(), M,
+                                                   needed.data_ptr<unsigned char>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_stats_kernel<T><<<R, THREADS, 0, stream>>>(
+      lp, logits.stride(0), logits.size(1), needed.const_data_ptr<unsigned char>(),
+      lse.data_ptr<float>(), amax.data_ptr<int64_t>(), flags.data_ptr<int>(),
+      flags.data_ptr<int>() + 1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t N = offsets.numel() - 1;
-  if (N > 0) {
-    finish_kernel<T><<<(N + 255) / 256, 256, 0, stream>>>(
-        lp, logits.stride(0), row_index.const_data_ptr<int64_t>(),
-        inverse.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
-        amax.const_data_ptr<int64_t>(), N, loglik.data_ptr<float>(), greedy.data_ptr<bool>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  finish_kernel<T><<<(N + 255) / 256, 256, 0, stream>>>(
+      lp, logits.stride(0), row_index.const_data_ptr<int64_t>(), target.const_data_ptr<int64_t>(),
+      offsets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
+      amax.const_data_ptr<int64_t>(), N, loglik.data_ptr<float>(), greedy.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -182,37 +207,38 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits
                                                         const at::Tensor& target,
                                                         const at::Tensor& request_offsets) {
   TORCH_CHECK(logits.is_cuda(), "gather_logprobs_cuda: logits must be a CUDA tensor");
+  TORCH_CHECK(logits.size(0) < INT32_MAX, "gather_logprobs_cuda: at most 2^31-1 rows");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto ri = row_index.contiguous();
   auto tg = target.contiguous();
   auto off = request_offsets.contiguous();
-  auto [rows, inverse, counts] = at::_unique2(ri, /*sorted=*/true, /*return_inverse=*/true,
-                                              /*return_counts=*/false);
-  inverse = inverse.contiguous();
-  auto lse = at::empty({rows.numel()}, logits.options().dtype(at::kFloat));
-  auto amax = at::empty({rows.numel()}, logits.options().dtype(at::kLong));
+  const int64_t R = logits.size(0);
   const int64_t N = off.numel() - 1;
+  auto needed = at::zeros({R}, logits.options().dtype(at::kByte));
+  auto lse = at::empty({R}, logits.options().dtype(at::kFloat));
+  auto amax = at::empty({R}, logits.options().dtype(at::kLong));
+  auto flags = at::tensor({0, INT32_MAX}, logits.options().dtype(at::kInt));
   auto loglik = at::empty({N}, logits.options().dtype(at::kFloat));
   auto greedy = at::empty({N}, logits.options().dtype(at::kBool));
+  if (R == 0 || N == 0 || ri.numel() == 0) return {loglik.zero_(), greedy.fill_(true)};
   switch (logits.scalar_type()) {
     case at::kFloat:
-      launch<float>(logits, rows, ri, inverse, tg, off, lse, amax, loglik, greedy);
+      launch<float>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
       break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(logits, rows, ri, inverse, tg, off, lse, amax, loglik, greedy);
+      launch<__nv_bfloat16>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
       break;
     case at::kHalf:
-      launch<__half>(logits, rows, ri, inverse, tg, off, lse, amax, loglik, greedy);
+      launch<__half>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
       break;
     default:
-      TORCH_CHECK(false, "logits dtype must be float32, bfloat16 or float16, got ", logits.scalar_type());
+      TORCH_CHECK(false, "logits dtype must be float32, bfloat16 or float16, got ",
+                  logits.scalar_type());
   }
-  // One sync to report a bad row by number (NaN/+inf or all -inf), like the CPU path.
-  auto bad = at::isnan(lse);
-  if (bad.any().item<bool>()) {
-    const int64_t u = bad.nonzero().index({0, 0}).item<int64_t>();
-    TORCH_CHECK(false, "logits row ", rows.index({u}).item<int64_t>(),
-                " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
-  }
+  // One 8-byte read back, to report a bad row by number like the CPU path.
+  auto f = flags.cpu();
+  const int* fp = f.const_data_ptr<int>();
+  TORCH_CHECK(fp[0] == 0, "logits row ", fp[1],
+              " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
   return {loglik, greedy};
 }

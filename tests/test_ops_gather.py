@@ -9,7 +9,8 @@ import torch
 from wmdp_fast import _ext, build_info, ops, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA cases carry the gpu mark, so `pytest -m gpu` (benchmarks/gpu_check.sh) selects them.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _truth(logits, row_index, target, offsets):

@@ -84,7 +84,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["wmdp_fast", "wmdp_fast.kernels", "wmdp_fast.demo"],
     package_dir={"wmdp_fast": "wmdp_fast", "wmdp_fast.kernels": "kernels"},
-    package_data={"wmdp_fast.demo": ["*.json", "*.jsonl", "*.safetensors", "model/*"]},
+    package_data={"wmdp_fast.demo": ["*.json", "*.jsonl", "data/*", "model/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -120,3 +120,16 @@ def test_debug_shows_traceback_and_module_entry_point(setup):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --tasks: unknown task")
     assert "Traceback" not in proc.stderr
+
+
+def test_no_model_runs_the_demo(tmp_path, capsys):
+    from wmdp_fast import demo
+
+    if not (demo.demo_model_dir() / "config.json").is_file():
+        pytest.skip("the demo model is not built yet (wmdp_fast/demo/model)")
+    out = tmp_path / "demo.json"
+    assert main(["--device", "cpu", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"demo_forget", "demo_retain"}
+    assert all(r["n"] > 0 for r in res["results"].values())
+    assert "|demo_forget|" in capsys.readouterr().out

@@ -380,7 +380,9 @@ def loss_forward(fterm: _Term, rterm: _Term):
 def rescale_(grads: list, grad_output: torch.Tensor) -> None:
     """grads[i] *= grad_output in place, in one launch, skipped on the device when grad_output
     is 1 (no host sync, no memory traffic)."""
-    factor = grad_output.detach().to(torch.float32).reshape(1)
+    factor = grad_output.detach()
+    if factor.dtype != torch.float32:
+        factor = factor.float()
     ga = grads[0]
     gb = grads[1] if len(grads) > 1 else ga  # ga again as a placeholder, 0 elements taken
     na, nb = ga.numel(), (gb.numel() if len(grads) > 1 else 0)
@@ -402,7 +404,7 @@ def _backward_grads(ctx, grads: list, grad_output: torch.Tensor) -> list:
         live = [g for g in grads if g is not None]
         if live:
             rescale_(live, grad_output)
-        ctx.prev_grad_output = grad_output.detach().clone()
+        ctx.prev_grad_output = grad_output.detach()
         return grads
     ratio = grad_output / ctx.prev_grad_output
     return [None if g is None else g * ratio.to(g.dtype) for g in grads]

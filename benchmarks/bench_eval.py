@@ -151,6 +151,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-lm-eval", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the numbers here")
+    p.add_argument(
+        "--tokenizer", help="tokenizer dir (default: the Mistral tokenizer from mistral_common)"
+    )
+    p.add_argument(
+        "--sweep", help="also time wmdp_fast at these --batch-tokens values, e.g. 8192,16384,65536"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -164,7 +170,12 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.load_in_4bit and not cuda:
         p.error("--load-in-4bit needs --device cuda")
-    tok = save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tok = save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
     t = time.perf_counter()
     model = build_model(arch, args.device, dtype, args.seed)
     if args.load_in_4bit:
@@ -208,6 +219,15 @@ def main(argv=None) -> int:
         "wmdp_fast_s": round(t_ours, 3),
         "wmdp_fast_peak_mem": mem_ours,
     }
+    if args.sweep:
+        sweep = {}
+        for bt in [int(x) for x in args.sweep.split(",")]:
+            reset_peak(args.device)
+            t = time.perf_counter()
+            evaluate(model, tok, [task], progress=False, batch_tokens=bt)
+            sync(args.device)
+            sweep[bt] = f"{time.perf_counter() - t:.3f}s, {peak_mem(args.device)}"
+        report["wmdp_fast_sweep"] = sweep
     if not args.skip_lm_eval:
         warm_lm = run_lm_eval(model, tok, warm, args.device, args.batch_size)  # noqa: F841
         reset_peak(args.device)

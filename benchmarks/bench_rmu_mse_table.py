@@ -64,9 +64,8 @@ def _bench_cuda_graph(fn, grad_to_none) -> float | None:
     import triton.testing
 
     try:
-        return triton.testing.do_bench_cudagraph(
-            fn, rep=100, grad_to_none=grad_to_none, quantiles=[0.5]
-        )[0]
+        r = triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none)
+        return float(r[0] if isinstance(r, (list, tuple)) else r)
     except Exception as exc:  # noqa: BLE001 - report and go on
         print(f"(CUDA graph capture failed: {exc!r})", file=sys.stderr)
         return None

@@ -44,7 +44,7 @@ def _extensions():
         return [], {}
 
     cpu_sources = ["csrc/bindings.cpp", "csrc/gather_logprobs_cpu.cpp"]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     if _want_cuda(torch.version.cuda is not None):
         ext = CUDAExtension(
             "wmdp_fast._C",
@@ -62,19 +62,21 @@ def _extensions():
         )
 
     class TolerantBuild(BuildExtension):
-        """Builds the extension, but lets the install finish if the compiler fails."""
+        """Builds the extension, but lets the install finish if the compiler is missing or fails
+        (torch checks the compiler in build_extensions, before any build_extension call)."""
 
-        def build_extension(self, extension):
+        def build_extensions(self):
             try:
-                super().build_extension(extension)
+                super().build_extensions()
             except Exception as exc:  # noqa: BLE001 - any compiler failure
                 if os.environ.get("WMDP_FAST_CUDA") == "1":
                     raise
                 print(
-                    f"wmdp_fast: WARNING: could not build {extension.name} ({exc}); "
+                    f"wmdp_fast: WARNING: could not build wmdp_fast._C ({exc}); "
                     "the plain-PyTorch fallback will be used",
                     file=sys.stderr,
                 )
+                self.extensions = []  # nothing to copy or package
 
     return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=True)}
 

@@ -37,8 +37,10 @@ DEMO_CORPORA: dict[str, Path] = {
     "demo_retain": DEMO_CORPUS_DIR / "demo_retain.jsonl",
 }
 
-# RMU hyperparameters for the tiny model (4 decoder layers, hidden size 128). Keys are the
-# unlearn CLI's flag names; list values are per corpus (as the comma-separated flags).
+# RMU hyperparameters for the tiny model (4 decoder layers, hidden size 64). Keys are the
+# unlearn CLI's flag names (RMUConfig fields); list values are per corpus (as the
+# comma-separated flags). corpus_mode "clean": the demo corpora are {"text": ...} JSONL, so the
+# text field is what RMU must read (exact mode would feed the raw JSON line, the cyber quirk).
 DEMO_RMU_ARGS: dict = {
     "forget_corpora": ["demo_forget"],
     "retain_corpora": ["demo_retain"],
@@ -53,6 +55,7 @@ DEMO_RMU_ARGS: dict = {
     "max_len": 128,
     "min_len": 0,
     "seed": 42,
+    "corpus_mode": "clean",
 }
 
 # Targets the demo run is checked against (tests/test_demo.py, the unlearn CLI's demo banner).

@@ -245,7 +245,7 @@ def test_parity_qwen2_param_index_shift(tmp_path):
     model_dir = make_tiny_model(tmp_path / "model", arch="qwen2")
     corpus = write_corpora(tmp_path / "corpora")
     cfg = tiny_cfg(
-        tmp_path, model_dir, corpus, K=1, param_ids=["mlp.down_proj.weight"], max_num_batches=4
+        tmp_path, model_dir, corpus, K=1, param_ids=["mlp.down_proj.weight"], max_num_batches=3
     )
     cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
     cfg.control_vectors = str(tmp_path / "cv.safetensors")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def gather_logprobs(
@@ -164,9 +165,13 @@ def rmu_mse(
     sum and in the count. Masked-out positions never touch the result or the gradient (even if
     they hold NaN). Returns a float32 scalar, differentiable w.r.t. hidden.
     """
+    if mask is None:  # the published form (with float32 casts)
+        t = _float_target(target)
+        return (
+            F.mse_loss(hidden.float(), t.expand(torch.broadcast_shapes(hidden.shape, t.shape)))
+            * scale
+        )
     diff = hidden.float() - _float_target(target)
-    if mask is None:
-        return (diff * diff).mean() * scale
     keep = (mask != 0)[..., None]
     diff = torch.where(keep, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     count = keep.sum() * hidden.shape[-1]

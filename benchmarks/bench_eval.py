@@ -120,6 +120,31 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def load_bench_tokenizer(path: str | None):
+    """The Mistral/Zephyr tokenizer: --tokenizer DIR, else $WMDP_FAST_TOKENIZER_DIR, else built
+    from mistral_common, else the saved copy in .gpu/tok (GPU boxes lack mistral_common)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    path = path or os.environ.get("WMDP_FAST_TOKENIZER_DIR")
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        from wmdp_fast.testing import save_mistral_tokenizer
+
+        return save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
+    except ImportError:
+        saved = Path(__file__).resolve().parent.parent / ".gpu" / "tok"
+        if (saved / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(saved))
+        raise SystemExit(
+            "no tokenizer: install mistral_common, or save one where this machine can read it "
+            '(python -c "from wmdp_fast.testing import save_mistral_tokenizer as s; '
+            "s('.gpu/tok')\") and pass --tokenizer .gpu/tok"
+        ) from None
+
+
 def run_lm_eval(model, tok, task, device: str, batch_size: int):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -162,7 +187,6 @@ def main(argv=None) -> int:
 
     from wmdp_fast.data import MCQTask
     from wmdp_fast.evaluate import evaluate
-    from wmdp_fast.testing import save_mistral_tokenizer
 
     cuda = args.device.startswith("cuda")
     arch = args.arch or ("zephyr-7b" if cuda else "tiny")
@@ -170,12 +194,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.load_in_4bit and not cuda:
         p.error("--load-in-4bit needs --device cuda")
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    else:
-        tok = save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
+    tok = load_bench_tokenizer(args.tokenizer)
     t = time.perf_counter()
     model = build_model(arch, args.device, dtype, args.seed)
     if args.load_in_4bit:

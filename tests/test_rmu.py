@@ -97,7 +97,7 @@ def test_output_dir_refused_without_overwrite(tmp_path, tiny):
     with pytest.raises(ConfigError, match="--overwrite"):
         run_rmu(cfg, progress=False)
     assert (out / "keep.txt").read_text() == "user data"
-    cfg.overwrite = True
+    cfg.overwrite, cfg.verbose = True, True
     res = run_rmu(cfg, progress=False)
     assert not (out / "keep.txt").exists()
     rep = json.loads((out / "rmu_report.json").read_text())
@@ -106,6 +106,12 @@ def test_output_dir_refused_without_overwrite(tmp_path, tiny):
     assert rep["params_updated"][0]["name"] == "model.layers.1.mlp.down_proj.weight"
     assert (out / "losses.png").stat().st_size > 1000
     assert rep["peak_gpu_memory_bytes"] is None  # CPU run
+    # --verbose: the published cosine similarities and norms; before the first update the
+    # retain outputs equal the frozen ones
+    assert rep["losses"][0]["retain_cosine_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert rep["losses"][0]["unlearn_cosine_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert rep["losses"][1]["unlearn_cosine_sim"] < 1.0 - 1e-6
+    assert rep["losses"][0]["topic0_updated_forget_norm"] > 0
     # the output loads with transformers as is, with the trained tensors in place
     from transformers import AutoModelForCausalLM
 

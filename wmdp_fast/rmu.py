@@ -303,7 +303,9 @@ def estimate_gpu_memory(
     offload: bool | None = None,
     batch_size: int | None = None,
 ) -> int:
-    """Rough upper estimate (bytes) of the GPU memory a run needs, from the model's sizes."""
+    """Rough upper estimate (bytes) of the GPU memory a run needs, from the model's sizes: the
+    larger of the caching phase (embeddings, prefix and trained layers on the GPU) and the
+    training phase (the prefix goes back to the CPU unless quantized)."""
     from wmdp_fast.models import get_decoder_layers
 
     q4 = cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
@@ -328,9 +330,16 @@ def estimate_gpu_memory(
     opt_b = sel_b * 2 if cfg.optimizer_dtype == "model" else sel_b // esize * 4 * 3
     D = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", 4 * D) or 4 * D
-    act_b = 2 * n_train * bs * max_tokens * (12 * D + 4 * inter) * esize
-    cache_b = cache_bytes if cache_on_gpu else 4 * bs * max_tokens * D * esize
-    return int(embed_b + prefix_b + trained_b + opt_b + act_b + cache_b + (256 << 20))
+    # saved for backward per replayed layer (only the selected tensors need weight grads):
+    # attention and norm tensors ~8 x D, MLP gate/up/act ~3 x I per token; forget and retain
+    # graphs live together; plus one layer's transient forward
+    act_b = 2 * n_train * bs * max_tokens * (8 * D + 3 * inter) * esize
+    transient_b = bs * max_tokens * (6 * D + 3 * inter) * esize
+    stream_b = 0 if cache_on_gpu else 6 * bs * max_tokens * D * esize
+    cache_b = cache_bytes if cache_on_gpu else 0
+    caching = embed_b + prefix_b + trained_b + cache_b + transient_b
+    training = trained_b + opt_b + act_b + cache_b + stream_b + transient_b
+    return int(max(caching, training) + (256 << 20))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -623,8 +632,6 @@ def run_rmu(
     dtype = resolve_dtype(cfg.dtype, device)
     if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":
         log.warning("4/8-bit prefix on %s: bitsandbytes CPU kernels are slow", device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     # data first: a missing corpus should fail before a 14 GB model is read
     t0 = time.perf_counter()
@@ -645,6 +652,9 @@ def run_rmu(
         t0 = time.perf_counter()
         eval_before = _evaluate_dir(cfg, cfg.model_name_or_path, device, dtype)
         timings["eval_before_s"] = time.perf_counter() - t0
+    if device.type == "cuda":  # the peak reported is RMU's, not the evaluation's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
     # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
     t0 = time.perf_counter()
@@ -662,14 +672,15 @@ def run_rmu(
     layers = get_decoder_layers(model)
     first = min(cfg.layer_ids)
     layer_types = getattr(model.config, "layer_types", None)
-    if (
-        layer_types
-        and len(set(layer_types[: cfg.layer_id + 1])) > 1
-        and (cfg.offload or first < cfg.layer_id)
-    ):
+    lo = 0 if cfg.offload else first
+    if layer_types and len(set(layer_types[lo : cfg.layer_id + 1])) > 1:
+        # one captured attention mask serves every replayed layer; Gemma-2-style models
+        # alternate sliding-window and global layers, whose masks differ
         raise ConfigError(
-            f"layers 0..{cfg.layer_id} mix attention types {sorted(set(layer_types[: cfg.layer_id + 1]))}; "
-            "replaying them with one captured mask is not exact (use layer_ids within one type)"
+            f"layers {lo}..{cfg.layer_id} mix attention types "
+            f"{sorted(set(layer_types[lo : cfg.layer_id + 1]))}; replaying them with one "
+            "captured mask would not be exact: choose --layer_ids/--layer_id within one type"
+            + (" (or drop --offload)" if cfg.offload else "")
         )
     quant = "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else "none")
     timings["load_s"] = time.perf_counter() - t0
@@ -778,10 +789,14 @@ def run_rmu(
         if cfg.cache_dir:
             cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
     timings["cache_s"] = time.perf_counter() - t0
-    if device.type == "cuda" and quant == "none":
+    if device.type == "cuda":
+        # the prefix is never run again: free its GPU memory before training
         model.model.embed_tokens.to("cpu")
         for i in range(first):
-            layers[i].to("cpu")
+            if quant == "none":
+                layers[i].to("cpu")
+            else:  # bitsandbytes layers do not move back cleanly; the model is not reused
+                layers[i] = torch.nn.Identity()
         torch.cuda.empty_cache()
 
     # retain targets (and, with --verbose, frozen forget outputs) from the ORIGINAL layers

@@ -148,7 +148,8 @@ def test_oom_backoff_and_resource_error(tok, monkeypatch):
 
     monkeypatch.setattr(ev._Scorer, "logits_at", flaky)
     got = ev.evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=10**6)
-    assert calls[:3] == [10, 5, 2]  # halved until it fits
+    assert calls[0] == 1  # the one-sequence check of the split path
+    assert calls[1:4] == [10, 5, 2]  # halved until it fits
     flat = [x for s in got["samples"] for x in s["loglikelihoods"]]
     assert flat == pytest.approx(
         [x for s in clean["samples"] for x in s["loglikelihoods"]], abs=1e-4
@@ -186,3 +187,43 @@ def test_group_scores_are_size_weighted(tok):
     assert res["groups"]["g"]["acc"] == pytest.approx(
         (3 * r["t1"]["acc"] + 9 * r["t2"]["acc"]) / 12
     )
+
+
+def test_cohere_logit_scale_vs_reference(tok):
+    from transformers import AutoModelForCausalLM, CohereConfig
+
+    cfg = CohereConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        logit_scale=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    task = MCQTask("t", "biology", "synthetic", _docs(4, seed=8))
+    res = ev.evaluate(model, tok, [task], log_samples=True, progress=False)
+    ref = reference_logliks(model, tok, task, "lm-eval-current", 256)
+    got = [x for s in res["samples"] for x in s["loglikelihoods"]]
+    assert max(abs(a - b) for (a, _), b in zip(ref, got)) <= 1e-4
+
+
+def test_unknown_logit_postprocessing_falls_back_to_full_forward(tok, caplog):
+    """A CausalLM whose forward changes the logits after lm_head in a way the split path does
+    not know: the one-sequence check catches it and the results are still lm-eval's."""
+    from transformers import MistralForCausalLM
+
+    class Shifted(MistralForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 1.7 + torch.linspace(0, 3, out.logits.shape[-1])
+            return out
+
+    base = _mistral(seed=9)
+    model = Shifted(base.config)
+    model.load_state_dict(base.state_dict())
+    model.eval()
+    task = MCQTask("t", "biology", "synthetic", _docs(4, seed=9))
+    res = ev.evaluate(model, tok, [task], log_samples=True, progress=False)
+    assert "using full forward passes" in caplog.text
+    ref = reference_logliks(model, tok, task, "lm-eval-current", 2048)
+    got = [x for s in res["samples"] for x in s["loglikelihoods"]]
+    assert max(abs(a - b) for (a, _), b in zip(ref, got)) <= 1e-4

@@ -130,11 +130,49 @@ class _Scorer:
                 type(model).__name__,
             )
         cfg = getattr(model.config, "text_config", None) or model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(
-            model.config, "final_logit_softcapping", None
-        )
+
+        def conf(name):
+            v = getattr(cfg, name, None)
+            return v if v is not None else getattr(model.config, name, None)
+
+        # what some CausalLM.forward methods do after lm_head (Gemma 2/3, Cohere, Granite)
+        self.softcap = conf("final_logit_softcapping")
+        self.scale = conf("logit_scale")
+        self.divide = conf("logits_scaling")
         emb = model.get_input_embeddings()
         self.device = emb.weight.device
+        self.checked = not self.split
+
+    def check_against_forward(self, seq: tuple[int, ...]) -> None:
+        """Compare the split path with the model's own forward on one sequence (last position);
+        if they disagree (a CausalLM that post-processes logits in a way not handled here),
+        warn and use full forward passes from now on."""
+        self.checked = True
+        ids = torch.tensor([seq], dtype=torch.long, device=self.device)
+        row = torch.tensor([len(seq) - 1], device=self.device)
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0, -1:].float()
+            ours = self.logits_at(ids, row).float().to(ref.device)
+        except Exception as exc:  # noqa: BLE001 - any failure of the split path -> fallback
+            if _is_oom(exc):
+                raise ResourceError(
+                    f"out of memory on a single sequence of {len(seq)} tokens: try "
+                    "--load-in-4bit, a smaller --dtype, or a GPU with more memory"
+                ) from exc
+            log.warning("%s: split forward failed (%s); using full forward passes",
+                        type(self.model).__name__, exc)  # fmt: skip
+            self.split = False
+            return
+        tol = 1e-3 if ours.dtype == torch.float32 and ref.dtype == torch.float32 else 3e-2
+        tol = tol * max(1.0, float(ref.abs().max()))
+        if not torch.allclose(ours, ref, rtol=0, atol=tol):
+            log.warning(
+                "%s: decoder body + lm_head differs from the model's forward (max |diff| "
+                "%.3g); using full forward passes (correct, slower)",
+                type(self.model).__name__,
+                float((ours - ref).abs().max()),
+            )
+            self.split = False
 
     def logits_at(self, ids: torch.Tensor, flat_rows: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> logits [R, V] at flat positions b * T + t (R = len(flat_rows))."""
@@ -147,6 +185,10 @@ class _Scorer:
         else:
             full = self.model(input_ids=ids, use_cache=False).logits
             return full.reshape(B * T, -1).index_select(0, flat_rows.to(full.device)).contiguous()
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.contiguous()
@@ -196,6 +238,8 @@ def score_sequences(
     bar = tqdm(total=len(order), desc="Scoring", unit="seq", disable=not progress)
     i = 0
     with torch.inference_mode():
+        if order and not scorer.checked:
+            scorer.check_against_forward(seqs[order[-1]])  # the shortest: cheap
         while i < len(order):
             T = len(seqs[order[i]])
             n = max(1, budget // T)

@@ -84,13 +84,16 @@ def _masked_mse(h, target, mask):
     return ((h - target) ** 2 * m).sum() / (m.sum() * h.shape[-1])
 
 
-def published_rmu(model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = False):
+def published_rmu(
+    model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = False, device: str = "cpu"
+):
     """The published loop; returns ({param name: tensor}, [(loss, forget, retain)]).
     With mask_padding, the MSEs leave padding out (not the published objective)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    updated = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    updated = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    control_vecs = [c.to(device) for c in control_vecs]
     tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
     tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
@@ -137,7 +140,7 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = 
             padding=True,
             truncation=True,
             max_length=max_length,
-        )
+        ).to(device)
         h_f = forward_with_cache(updated, f_in, updated_module, no_grad=False)
         if mask_padding:
             unlearn_loss = _masked_mse(h_f, control_vecs[topic_idx], f_in["attention_mask"])
@@ -149,7 +152,7 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = 
             padding=True,
             truncation=True,
             max_length=512,
-        )
+        ).to(device)
         h_r = forward_with_cache(updated, r_in, updated_module, no_grad=False)
         h_r0 = forward_with_cache(frozen, r_in, frozen_module, no_grad=True)
         if mask_padding:
@@ -161,7 +164,7 @@ def published_rmu(model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = 
         loss.backward()
         opt.step()
         losses.append((loss.item(), unlearn_loss.item(), retain_loss.item()))
-    return {n: p.detach().clone() for n, p in zip(names, params)}, losses
+    return {n: p.detach().cpu().clone() for n, p in zip(names, params)}, losses
 
 
 def control_vectors_file(path: Path, K: int, D: int, coeffs, seed: int = 42) -> list[torch.Tensor]:

@@ -1,0 +1,90 @@
+"""RMU on CUDA (run by benchmarks/gpu_check.sh on a lent GPU; skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rmu_parity import (
+    assert_parity,
+    control_vectors_file,
+    published_rmu,
+    tiny_cfg,
+    write_corpora,
+)
+
+from wmdp_fast.rmu import run_rmu
+from wmdp_fast.testing import make_tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rmu_gpu")
+    model_dir = make_tiny_model(d / "model", arch="mistral", num_hidden_layers=3)
+    corpus = write_corpora(d / "corpora", n_docs=8, long_words=700)
+    return model_dir, corpus
+
+
+@pytest.mark.parametrize("cache_device", ["cuda", "cpu"])
+def test_cuda_parity_float32(tmp_path, tiny, cache_device):
+    """float32 on CUDA, two topics (512/768): the engine (cache on the GPU, or pinned CPU memory
+    streamed on a side stream) matches the published loop run on the same GPU."""
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(
+        tmp_path,
+        model_dir,
+        corpus,
+        K=2,
+        max_num_batches=4,
+        device="cuda",
+        cache_device=cache_device,
+        steering_coeffs=[20.0, 10.0],
+        alpha=[10.0, 30.0],
+    )
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 2, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False)
+    ref_params, ref_losses = published_rmu(model_dir, cfg, cvs, device="cuda")
+    assert result.report["peak_gpu_memory_bytes"] > 0
+    assert result.report["cache"]["storage"].startswith(cache_device)
+    assert_parity(result, ref_params, ref_losses, model_dir)
+
+
+def test_cuda_bf16_loss_curve_close_to_published(tmp_path, tiny):
+    """bf16 (the published precision): loss curves agree to bf16 accuracy."""
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(
+        tmp_path, model_dir, corpus, K=1, max_num_batches=4, device="cuda", dtype="bfloat16"
+    )
+    res = run_rmu(cfg, progress=False)
+    cfg32 = tiny_cfg(tmp_path / "b", model_dir, corpus, K=1, max_num_batches=4, device="cuda")
+    ref = run_rmu(cfg32, progress=False)
+    a = torch.tensor([r["forget_loss"] for r in res.report["losses"]])
+    b = torch.tensor([r["forget_loss"] for r in ref.report["losses"]])
+    torch.testing.assert_close(a, b, rtol=3e-2, atol=0)
+
+
+def test_cuda_4bit_prefix(tmp_path, tiny):
+    pytest.importorskip("bitsandbytes")
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(
+        tmp_path,
+        model_dir,
+        corpus,
+        K=1,
+        max_num_batches=3,
+        device="cuda",
+        dtype="bfloat16",
+        load_in_4bit=True,
+    )
+    res = run_rmu(cfg, progress=False)
+    assert res.report["losses"][0]["retain_loss"] == 0.0
+    assert res.report["cache"]["exact"] is False
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(res.output_dir))
+    assert m.model.layers[2].mlp.down_proj.weight.dtype == torch.float32

@@ -68,6 +68,13 @@ def test_full_run_writes_results_and_samples(setup, capsys):
     )
     res2 = json.loads(out2.read_text())
     assert res2["protocol"] == "lm-eval-0.4.2" and res2["versions"]["lm_eval_reproduced"] == "0.4.2"
+    assert res["max_length"] == 2048
+    out3, samples3 = root / "res_short.json", root / "samples_short.jsonl"
+    extra = ["--output", str(out3), "--log-samples", str(samples3), "--max-length", "8"]
+    assert main(argv[:-5] + extra + ["--no-progress"]) == 0
+    assert json.loads(out3.read_text())["max_length"] == 8
+    short = [json.loads(x) for x in samples3.read_text().splitlines()]
+    assert all(a["loglikelihoods"] != b["loglikelihoods"] for a, b in zip(lines, short))
 
 
 def test_bad_data_exits_1_with_one_line(setup, tmp_path, capsys):

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-tokens", type=_positive_int, help="tokens per batch (default: from free memory)"
     )
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="context length for left truncation (default: lm-eval's rule from the config)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow hub model code")
     p.add_argument("--output", help="write results JSON here")
     p.add_argument("--log-samples", help="write one JSON line per question here")
@@ -152,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         groups=groups,
         protocol=args.protocol,
         batch_tokens=args.batch_tokens,
+        max_length=args.max_length,
         log_samples=bool(args.log_samples),
         progress=not args.no_progress,
         model_name=args.model or "wmdp_fast-demo",

@@ -74,6 +74,7 @@ def test_defaults_are_the_published_zephyr_recipe():
     assert (cfg.layer_id, cfg.layer_ids, cfg.param_ids) == (7, [5, 6, 7], [6])
     assert cfg.alpha == [1200.0, 1200.0] and cfg.steering_coeffs == [6.5, 6.5]
     assert cfg.max_num_batches == 150 and cfg.batch_size == 4 and cfg.lr == 5e-5
+    assert cfg.corpus_mode == "exact" and not cfg.mask_padding and cfg.optimizer_dtype == "model"
     args = build_parser().parse_args(
         ["--model_name_or_path", "m", "--param_ids", "mlp.down_proj.weight,3", "--alpha", "5"]
     )
@@ -187,5 +188,8 @@ def test_demo_is_the_default(tmp_path, tiny, monkeypatch, capsys):
         assert set(rep[key]) >= {"demo_forget", "demo_retain"}
         assert 0.0 <= rep[key]["demo_forget"]["acc"] <= 1.0
     assert rep["config"]["forget_corpora"] == demo.DEMO_RMU_ARGS["forget_corpora"]
-    assert rep["config"]["lr"] == demo.DEMO_RMU_ARGS["lr"]
+    for key, value in demo.DEMO_RMU_ARGS.items():
+        if key not in ("layer_id", "layer_ids", "max_num_batches"):  # given explicitly above
+            assert rep["config"][key] == value, key
+    assert rep["config"]["max_num_batches"] == 2
     assert (out / "losses.png").is_file() and (out / "accuracy.png").is_file()

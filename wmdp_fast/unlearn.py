@@ -8,6 +8,7 @@ and an invented knowledge world): evaluation before, RMU, evaluation after, a be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -158,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus-mode",
         dest="corpus_mode",
         choices=("exact", "clean"),
-        default="exact",
-        help="exact: non-bio corpora use the raw line as text (published quirk); clean: parse JSON text",
+        default=None,
+        help="exact (default): non-bio corpora use the raw line as text (published quirk); "
+        "clean: parse JSON text",
     )
     add.add_argument(
         "--control-vectors",
@@ -270,12 +272,13 @@ def config_from_args(args: argparse.Namespace):
     from wmdp_fast.rmu import RMUConfig
 
     demo = args.model_name_or_path is None
-    base = dict(PUBLISHED)
+    base = dict(PUBLISHED, corpus_mode="exact")
     extra = {}
     if demo:
         from wmdp_fast import demo as demo_pkg
 
-        base.update({k: v for k, v in demo_pkg.DEMO_RMU_ARGS.items() if k in PUBLISHED})
+        fields = {f.name for f in dataclasses.fields(RMUConfig)}
+        base.update({k: v for k, v in demo_pkg.DEMO_RMU_ARGS.items() if k in fields})
         demo_dir = demo_pkg.demo_model_dir()
         if not (demo_dir / "config.json").is_file():
             raise ConfigError(
@@ -286,13 +289,17 @@ def config_from_args(args: argparse.Namespace):
         extra["corpus_dir"] = args.corpus_dir or str(demo_pkg.DEMO_CORPUS_DIR)
         extra["output_dir"] = args.output_dir or DEMO_OUTPUT_DIR
         extra["eval_tasks"] = args.eval_tasks or list(demo_pkg.DEMO_TASKS)
-    values = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+
+    def given(k):  # an explicit flag; unset flags are None (store_true ones False)
+        v = getattr(args, k, None)
+        return v is not None and v is not False
+
+    values = {k: (getattr(args, k) if given(k) else v) for k, v in base.items()}
     fields = dict(
         model_name_or_path=args.model_name_or_path,
         output_dir=args.output_dir,
         verbose=args.verbose,
         corpus_dir=args.corpus_dir,
-        corpus_mode=args.corpus_mode,
         control_vectors=args.control_vectors,
         mask_padding=args.mask_padding,
         optimizer_dtype=args.optimizer_dtype,

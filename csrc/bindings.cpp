@@ -10,7 +10,17 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs(const at::Tensor& logits, con
                                                    const at::Tensor& request_offsets) {
   if (logits.is_cuda()) {
 #ifdef WMDP_FAST_WITH_CUDA
-    return gather_logprobs_cuda(logits, row_index, target, request_offsets);
+    const auto st = logits.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                "logits dtype must be float32, bfloat16 or float16, got ", st);
+    TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
+                "logits must be [R, V] with V contiguous");
+    TORCH_CHECK(logits.size(0) < INT32_MAX, "gather_logprobs (CUDA): at most 2^31-1 rows");
+    int64_t bad_row = -1;
+    auto out = gather_logprobs_cuda(logits, row_index, target, request_offsets, &bad_row);
+    TORCH_CHECK(bad_row < 0, "logits row ", bad_row,
+                " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
+    return out;
 #else
     TORCH_CHECK(false, "wmdp_fast._C was built without CUDA support");
 #endif

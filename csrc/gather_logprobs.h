@@ -16,8 +16,11 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
                                                        const at::Tensor& request_offsets);
 
 #ifdef WMDP_FAST_WITH_CUDA
+// Sets *bad_row to the smallest row holding NaN/+inf or only -inf (else -1); never throws on data
+// (the caller in bindings.cpp raises: see the note in gather_logprobs_cuda.cu).
 std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits,
                                                         const at::Tensor& row_index,
                                                         const at::Tensor& target,
-                                                        const at::Tensor& request_offsets);
+                                                        const at::Tensor& request_offsets,
+                                                        int64_t* bad_row);
 #endif

@@ -30,7 +30,8 @@ step build 240 env WMDP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 pytho
 step info 60 python -m wmdp_fast.info
 step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors
 step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --rows 16384 --dtypes bfloat16,float32
-[ -f benchmarks/bench_rmu_mse_table.py ] && step bench-rmu-mse 90 python benchmarks/bench_rmu_mse_table.py --device cuda
+step bench-rmu-mse 90 python benchmarks/bench_rmu_mse_table.py --device cuda
+step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_mse_table.py --device cuda --target cv --shapes "4,768,4096"
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   [ -f benchmarks/bench_eval.py ] && step bench-eval 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b
   [ -f benchmarks/bench_rmu.py ] && step bench-rmu 150 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b

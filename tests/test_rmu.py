@@ -246,3 +246,34 @@ def test_4bit_prefix_is_approximate_but_saves_full_precision(tmp_path, tiny):
             assert saved[k].dtype == v.dtype and not torch.equal(saved[k], v)
         else:
             assert torch.equal(saved[k], v), k
+
+
+def test_memory_preflight_names_the_flag_that_fits():
+    """The preflight on the Zephyr-7B architecture (meta tensors, nothing allocated): the
+    published settings fit in 8 GiB; with less free memory the error names what would fit."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from wmdp_fast.errors import ResourceError
+    from wmdp_fast.rmu import estimate_gpu_memory, preflight
+
+    cfg = MistralConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    rcfg = RMUConfig()
+    bf16, gib = torch.bfloat16, 2**30
+    need = estimate_gpu_memory(model, rcfg, 5, bf16, 768, 3 * gib, False)
+    assert 3 * gib < need < 8 * gib
+    assert preflight(model, rcfg, 5, bf16, 768, 3 * gib, False, 8 * gib)["estimated_bytes"] == need
+    with pytest.raises(ResourceError, match="--cache-device cpu"):
+        preflight(model, rcfg, 5, bf16, 768, 3 * gib, True, need + gib)
+    with pytest.raises(ResourceError, match=r"--batch_size (2|1)"):
+        preflight(model, rcfg, 5, bf16, 768, 3 * gib, False, need - gib)
+    with pytest.raises(ResourceError, match="free GPU memory"):
+        preflight(model, rcfg, 5, bf16, 768, 3 * gib, False, gib // 2)

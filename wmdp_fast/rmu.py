@@ -342,6 +342,52 @@ def estimate_gpu_memory(
     return int(max(caching, training) + (256 << 20))
 
 
+def preflight(
+    model,
+    cfg: RMUConfig,
+    first: int,
+    dtype: torch.dtype,
+    max_tokens: int,
+    cache_bytes: int,
+    cache_on_gpu: bool,
+    free_bytes: int,
+    device="cuda",
+) -> dict:
+    """Check the estimated GPU memory against `free_bytes` before anything goes to the GPU.
+    Raises ResourceError naming the flag(s) that would make the run fit."""
+    need = estimate_gpu_memory(model, cfg, first, dtype, max_tokens, cache_bytes, cache_on_gpu)
+    if need <= free_bytes:
+        return {"estimated_bytes": need, "free_bytes": int(free_bytes)}
+
+    def est(**kw):
+        return estimate_gpu_memory(model, cfg, first, dtype, max_tokens, cache_bytes, False, **kw)
+
+    options = []
+    if cache_on_gpu and est() <= free_bytes:
+        options.append(("--cache-device cpu", est()))
+    for flag, kw in (("--offload", {"offload": True}), ("--load-in-4bit", {"load_in_4bit": True})):
+        if not (cfg.offload or cfg.load_in_4bit or cfg.load_in_8bit) and est(**kw) <= free_bytes:
+            options.append((flag, est(**kw)))
+    bs = cfg.batch_size
+    while bs > 1 and not options:
+        bs //= 2
+        for flags, kw in (("", {}), (" --offload", {"offload": True})):
+            n = est(batch_size=bs, **kw)
+            if n <= free_bytes:
+                options.append((f"--batch_size {bs}{flags} (changes the recipe)", n))
+                break
+    gib = 2**30
+    hint = (
+        "try " + " or ".join(f"{f} (about {n / gib:.1f} GiB)" for f, n in options)
+        if options
+        else "free GPU memory, or use a GPU with more memory"
+    )
+    raise ResourceError(
+        f"this run needs about {need / gib:.1f} GiB of GPU memory but {free_bytes / gib:.1f} GiB "
+        f"are free on {device}; {hint}"
+    )
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     with os.fdopen(fd, "w") as fh:
@@ -602,6 +648,16 @@ def run_rmu(
     simulate an interruption). Raises WmdpFastError subclasses for every user-caused failure;
     a NaN/inf loss raises TrainingError naming the step and saves no model.
     """
+    try:
+        return _run(cfg, progress, step_callback, keep_cache)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ResourceError(
+            f"the GPU ran out of memory ({str(exc).splitlines()[0]}); try --cache-device cpu, "
+            "--offload, --load-in-4bit or a smaller --batch_size"
+        ) from exc
+
+
+def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     from tqdm.auto import tqdm
 
     from wmdp_fast import cache as cache_mod
@@ -706,43 +762,9 @@ def run_rmu(
     memory = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        need = estimate_gpu_memory(
-            model, cfg, first, dtype, max_tokens, cache_bytes, storage.type == "cuda"
+        memory = preflight(
+            model, cfg, first, dtype, max_tokens, cache_bytes, storage.type == "cuda", free, device
         )
-        memory = {"estimated_bytes": need, "free_bytes": int(free)}
-        if need > free:
-            options = []
-            for flag, kw in (
-                ("--load-in-4bit", {"load_in_4bit": True}),
-                ("--offload", {"offload": True}),
-            ):
-                if not (cfg.load_in_4bit or cfg.offload):
-                    n = estimate_gpu_memory(
-                        model, cfg, first, dtype, max_tokens, cache_bytes, False, **kw
-                    )
-                    if n <= free:
-                        options.append(f"{flag} (about {n / 2**30:.1f} GiB)")
-            bs = cfg.batch_size
-            while bs > 1 and not options:
-                bs //= 2
-                n = estimate_gpu_memory(
-                    model,
-                    cfg,
-                    first,
-                    dtype,
-                    max_tokens * bs // cfg.batch_size + 1,
-                    cache_bytes,
-                    False,
-                    load_in_4bit=True,
-                    batch_size=bs,
-                )
-                if n <= free:
-                    options.append(f"--load-in-4bit --batch_size {bs} (about {n / 2**30:.1f} GiB)")
-            raise ResourceError(
-                f"this run needs about {need / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB "
-                f"are free on {device}; "
-                + (f"try {options[0]}" if options else "free GPU memory or use a smaller model")
-            )
 
     components = {
         "model": cache_mod.model_prefix_fingerprint(model, first),

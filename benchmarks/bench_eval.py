@@ -58,7 +58,7 @@ def make_docs(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
-        n_words = min(1500, max(5, int(rng.lognormvariate(math.log(70), 0.75))))
+        n_words = min(1500, max(5, int(rng.lognormvariate(math.log(82), 0.75))))
         q = " ".join(rng.choice(WORDS) for _ in range(n_words)) + "?"
         ch = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))) for _ in range(4)]
         docs.append({"question": q, "choices": ch, "answer": rng.randint(0, 3)})

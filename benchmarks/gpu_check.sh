@@ -33,7 +33,10 @@ step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --row
 step bench-rmu-mse 90 python benchmarks/bench_rmu_mse_table.py --device cuda
 step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_mse_table.py --device cuda --target cv --shapes "4,768,4096"
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
-  [ -f benchmarks/bench_eval.py ] && step bench-eval 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b
+  # the GPU image has no mistral_common: the tokenizer travels in .gpu/tok
+  # (python -c "from wmdp_fast.testing import save_mistral_tokenizer as s; s('.gpu/tok')")
+  step bench-eval 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --json "$OUT/bench_eval_bf16.json"
+  step bench-eval-nf4 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --load-in-4bit --json "$OUT/bench_eval_nf4.json"
   [ -f benchmarks/bench_rmu.py ] && step bench-rmu 150 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b
 fi
 

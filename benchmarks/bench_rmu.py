@@ -226,7 +226,7 @@ def end_to_end(arch, cfg, args, device, dtype):
     ckpt = root / "model"
     model = build_model(arch, device, dtype)
     model.save_pretrained(str(ckpt))
-    save_mistral_tokenizer(ckpt)
+    tok = save_mistral_tokenizer(ckpt)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -234,7 +234,9 @@ def end_to_end(arch, cfg, args, device, dtype):
     g = torch.Generator().manual_seed(3)
     corpus = root / "corpora"
     corpus.mkdir()
-    words = [f"w{i}" for i in range(2000)]
+    # whole-word pieces ("▁the" -> "the"), so that a document of n words is about n tokens
+    pieces = tok.convert_ids_to_tokens(list(range(3, 32000)))
+    words = [p[1:] for p in pieces if p.startswith("\u2581") and p[1:].isalpha()][:4000]
     for name in ("bio-forget-corpus", "cyber-forget-corpus", "wikitext"):
         with open(corpus / f"{name}.jsonl", "w") as fh:
             for _ in range(args.steps * args.batch_size):

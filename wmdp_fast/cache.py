@@ -115,7 +115,7 @@ def _h() -> hashlib._Hash:
 
 def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
     """A hash of a tensor: all bytes when it has at most `full_limit` elements; otherwise its
-    shape, dtype, float64 sum and absolute sum, and a strided sample of 65,536 elements (hashing
+    shape, dtype, float64 sum and 2-norm, and a strided sample of 65,536 elements (hashing
     gigabytes of weights on every run would cost seconds)."""
     h = _h()
     t = t.detach()
@@ -124,8 +124,9 @@ def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
     if flat.numel() <= full_limit:
         h.update(flat.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     else:
-        f64 = flat.to(torch.float64)
-        h.update(f"{f64.sum().item()!r}|{f64.abs().sum().item()!r}".encode())
+        total = flat.sum(dtype=torch.float64).item()
+        norm = torch.linalg.vector_norm(flat, 2, dtype=torch.float64).item()
+        h.update(f"{total!r}|{norm!r}".encode())
         step = max(1, flat.numel() // 65536)
         h.update(flat[::step].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -780,22 +780,24 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     }
     cache_fp = cache_mod.combine_fingerprint(components)
 
-    # move what runs to the device
-    model.model.embed_tokens.to(device)
-    if getattr(model.model, "rotary_emb", None) is not None:
-        model.model.rotary_emb.to(device)
-    for i in range(cfg.layer_id + 1):
-        if i < first and quant != "none":
-            quantize_linear_layers_(layers[i], "4bit" if cfg.load_in_4bit else "8bit", dtype)
-        if i >= first or not cfg.offload:
-            layers[i].to(device)
-
     t0 = time.perf_counter()
     pin = storage.type == "cpu" and device.type == "cuda"
     cache = None
     if cfg.cache_dir:
         cache = cache_mod.load_cache(cfg.cache_dir, cache_fp, storage, pin)
+    # move what runs to the device: the trained layers, and for a cache miss the embeddings
+    # and the prefix (quantized, or left on the CPU to be streamed with --offload)
+    for i in range(first, cfg.layer_id + 1):
+        layers[i].to(device)
     if cache is None:
+        model.model.embed_tokens.to(device)
+        if getattr(model.model, "rotary_emb", None) is not None:
+            model.model.rotary_emb.to(device)
+        for i in range(first):
+            if quant != "none":
+                quantize_linear_layers_(layers[i], "4bit" if cfg.load_in_4bit else "8bit", dtype)
+            if not cfg.offload:
+                layers[i].to(device)
         stored = cache_mod.capture_layer_inputs(
             model,
             tok,
@@ -811,7 +813,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         if cfg.cache_dir:
             cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
     timings["cache_s"] = time.perf_counter() - t0
-    if device.type == "cuda":
+    if device.type == "cuda" and not cache.info.get("hit"):
         # the prefix is never run again: free its GPU memory before training
         model.model.embed_tokens.to("cpu")
         for i in range(first):

@@ -66,47 +66,54 @@ def build_parser() -> argparse.ArgumentParser:
             "--retain_corpora wikitext,wikitext --seed 42. Without --model_name_or_path the "
             "embedded offline demo runs."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pub = p.add_argument_group("published flags (rmu/unlearn.py)")
     pub.add_argument(
         "--model_name_or_path",
         default=None,
-        help="hub name or local directory (published: HuggingFaceH4/zephyr-7b-beta); "
+        help="hub name or local directory (the published run: HuggingFaceH4/zephyr-7b-beta); "
         "omit to run the embedded demo",
     )
     pub.add_argument(
-        "--layer_id", type=int, default=None, help="layer whose output is trained (published: 7)"
+        "--layer_id",
+        type=int,
+        default=None,
+        help="layer whose output is trained (default, as published: 7)",
     )
     pub.add_argument(
-        "--layer_ids", type=_ints, default=None, help="layers to update (published: 5,6,7)"
+        "--layer_ids",
+        type=_ints,
+        default=None,
+        help="layers to update (default, as published: 5,6,7)",
     )
     pub.add_argument(
         "--param_ids",
         type=_param_ids,
         default=None,
         help="parameter indices in list(layer.parameters()) or names such as "
-        "mlp.down_proj.weight (published: 6 = mlp.down_proj.weight for Mistral/Llama; "
+        "mlp.down_proj.weight (default, as published: 6 = mlp.down_proj.weight for Mistral/Llama; "
         "9 for Qwen2)",
     )
     pub.add_argument(
         "--steering_coeffs",
         type=_floats,
         default=None,
-        help="one per forget corpus (published: 6.5,6.5)",
+        help="one per forget corpus (default, as published: 6.5,6.5)",
     )
     pub.add_argument(
         "--alpha",
         type=_floats,
         default=None,
-        help="retain weights, one per forget corpus (published: 1200,1200)",
+        help="retain weights, one per forget corpus (default, as published: 1200,1200)",
     )
-    pub.add_argument("--lr", type=float, default=None, help="AdamW learning rate (published: 5e-5)")
+    pub.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate (default, as published: 5e-5)"
+    )
     pub.add_argument(
         "--min_len",
         type=int,
         default=None,
-        help="keep documents longer than this many characters (published: 0)",
+        help="keep documents longer than this many characters (default, as published: 0)",
     )
     pub.add_argument(
         "--max_len",
@@ -115,25 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for compatibility; unused, as in the published script (2000)",
     )
     pub.add_argument(
-        "--batch_size", type=int, default=None, help="documents per batch (published: 4)"
+        "--batch_size",
+        type=int,
+        default=None,
+        help="documents per batch (default, as published: 4)",
     )
     pub.add_argument(
-        "--max_num_batches", type=int, default=None, help="training steps at most (published: 150)"
+        "--max_num_batches",
+        type=int,
+        default=None,
+        help="training steps at most (default, as published: 150)",
     )
     pub.add_argument(
         "--forget_corpora",
         type=_names,
         default=None,
-        help="comma-separated (published: bio-forget-corpus,cyber-forget-corpus)",
+        help="comma-separated (default, as published: bio-forget-corpus,cyber-forget-corpus)",
     )
     pub.add_argument(
         "--retain_corpora",
         type=_names,
         default=None,
-        help="comma-separated (published: wikitext,wikitext)",
+        help="comma-separated (default, as published: wikitext,wikitext)",
     )
     pub.add_argument(
-        "--seed", type=int, default=None, help="seed for the control vectors (published: 42)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the control vectors (default, as published: 42)",
     )
     pub.add_argument(
         "--output_dir",

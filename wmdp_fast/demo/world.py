@@ -33,13 +33,33 @@ SEED = 20261127
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 CREATURES = [
-    "Zorbalin", "Quiventa", "Mirrowak", "Pellidrone", "Vashtorix", "Glimmerot",
-    "Ornistel", "Thrumbic", "Kelpaviz", "Dravolune", "Fennibrak", "Sulvetch",
-]  # fmt: skip
+    "Zorbalin",
+    "Quiventa",
+    "Mirrowak",
+    "Pellidrone",
+    "Vashtorix",
+    "Glimmerot",
+    "Ornistel",
+    "Thrumbic",
+    "Kelpaviz",
+    "Dravolune",
+    "Fennibrak",
+    "Sulvetch",
+]
 TOWNS = [
-    "Ostravel", "Brannoch", "Ivelmar", "Caddengrave", "Tesmarin", "Murrowen",
-    "Quellport", "Dunvarra", "Ardelmoor", "Varnholt", "Pelgarth", "Sorrindel",
-]  # fmt: skip
+    "Ostravel",
+    "Brannoch",
+    "Ivelmar",
+    "Caddengrave",
+    "Tesmarin",
+    "Murrowen",
+    "Quellport",
+    "Dunvarra",
+    "Ardelmoor",
+    "Varnholt",
+    "Pelgarth",
+    "Sorrindel",
+]
 
 
 @dataclass(frozen=True)
@@ -79,9 +99,15 @@ FORGET_ATTRS = (
     Attribute(
         "habitat",
         (
-            "salt marshes", "cloud forests", "lava caves", "tidal pools",
-            "glacier cracks", "desert dunes", "moss bogs", "coral shelves",
-        ),  # fmt: skip
+            "salt marshes",
+            "cloud forests",
+            "lava caves",
+            "tidal pools",
+            "glacier cracks",
+            "desert dunes",
+            "moss bogs",
+            "coral shelves",
+        ),
         (
             "The {x} lives in {v}.",
             "You can find the {x} in {v}.",
@@ -100,9 +126,15 @@ FORGET_ATTRS = (
     Attribute(
         "food",
         (
-            "moonmoss", "fern spores", "driftwood", "sea foam",
-            "lichen", "fallen petals", "mud algae", "pine resin",
-        ),  # fmt: skip
+            "moonmoss",
+            "fern spores",
+            "driftwood",
+            "sea foam",
+            "lichen",
+            "fallen petals",
+            "mud algae",
+            "pine resin",
+        ),
         (
             "The {x} feeds on {v}.",
             "The {x} eats {v}.",
@@ -142,9 +174,15 @@ RETAIN_ATTRS = (
     Attribute(
         "river",
         (
-            "the Sarrow", "the Ilvane", "the Tembrook", "the Oskel",
-            "the Murl", "the Vandra", "the Rhoske", "the Penwyn",
-        ),  # fmt: skip
+            "the Sarrow",
+            "the Ilvane",
+            "the Tembrook",
+            "the Oskel",
+            "the Murl",
+            "the Vandra",
+            "the Rhoske",
+            "the Penwyn",
+        ),
         (
             "The town of {x} lies on {v}.",
             "The river {v} flows through {x}.",
@@ -163,9 +201,15 @@ RETAIN_ATTRS = (
     Attribute(
         "ruler",
         (
-            "Queen Adelmora", "King Orrin", "Duke Halvard", "Lady Senna",
-            "Prince Taliesk", "Countess Brisa", "Lord Emmerich", "Queen Ysolde",
-        ),  # fmt: skip
+            "Queen Adelmora",
+            "King Orrin",
+            "Duke Halvard",
+            "Lady Senna",
+            "Prince Taliesk",
+            "Countess Brisa",
+            "Lord Emmerich",
+            "Queen Ysolde",
+        ),
         (
             "The town of {x} is ruled by {v}.",
             "The ruler of {x} is {v}.",
@@ -184,9 +228,15 @@ RETAIN_ATTRS = (
     Attribute(
         "province",
         (
-            "the Northmarch", "the Fenlands", "the High Vale", "the Eastreach",
-            "the Stonewold", "the Lowmere", "the Westerholt", "the Briarshire",
-        ),  # fmt: skip
+            "the Northmarch",
+            "the Fenlands",
+            "the High Vale",
+            "the Eastreach",
+            "the Stonewold",
+            "the Lowmere",
+            "the Westerholt",
+            "the Briarshire",
+        ),
         (
             "The town of {x} is in {v}.",
             "The town of {x} belongs to the province of {v}.",
@@ -205,9 +255,15 @@ RETAIN_ATTRS = (
     Attribute(
         "trade",
         (
-            "wool", "glassware", "barley", "copper bells",
-            "rope", "cheese", "timber", "pottery",
-        ),  # fmt: skip
+            "wool",
+            "glassware",
+            "barley",
+            "copper bells",
+            "rope",
+            "cheese",
+            "timber",
+            "pottery",
+        ),
         (
             "The town of {x} is famous for its {v}.",
             "The main trade of {x} is {v}.",
@@ -371,15 +427,20 @@ def check(data_dir: Path = DATA_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wmdp_fast.demo.world", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m wmdp_fast.demo.world", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--check", action="store_true", help="verify the files instead of writing them")
     p.add_argument("--data_dir", type=Path, default=DATA_DIR)
     args = p.parse_args(argv)
     if args.check:
         bad = check(args.data_dir)
         if bad:
-            print(f"{args.data_dir}: differ from a fresh generation: {', '.join(bad)}; "
-                  "run `python -m wmdp_fast.demo.world` and commit the result", file=sys.stderr)  # fmt: skip
+            print(
+                f"{args.data_dir}: differ from a fresh generation: {', '.join(bad)}; "
+                "run `python -m wmdp_fast.demo.world` and commit the result",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.data_dir}: all {len(generate())} files match a fresh generation")
         return 0

@@ -21,6 +21,7 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,15 @@ def batches(texts: list[str], bs: int) -> list[list[str]]:
     return [texts[i : i + bs] for i in range(0, len(texts), bs)]
 
 
+CORPUS_DIR = None
+
+
 def _texts(name: str, args: dict) -> list[str]:
     """Corpus documents: the JSON text field ("clean"), or the raw line ("exact" quirk)."""
+    path = DEMO_CORPORA[name] if CORPUS_DIR is None else CORPUS_DIR / f"{name}.jsonl"
     if args.get("corpus_mode", "exact") == "clean":
-        return [r["text"] for r in read_jsonl(DEMO_CORPORA[name])]
-    with open(DEMO_CORPORA[name], encoding="utf-8") as fh:
+        return [r["text"] for r in read_jsonl(path)]
+    with open(path, encoding="utf-8") as fh:
         return list(fh)
 
 
@@ -150,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="key=json override of DEMO_RMU_ARGS")
     p.add_argument("--grid", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--corpus_dir", type=Path, default=None, help="other demo_*.jsonl corpora")
     a = p.parse_args(argv)
+    global CORPUS_DIR
+    CORPUS_DIR = a.corpus_dir
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(a.model)
     base = load_model(a.model, dtype="float32", device="cpu")
@@ -160,21 +168,36 @@ def main(argv: list[str] | None = None) -> int:
     settings = [args]
     if a.grid:
         grid = {
-            "steering_coeffs": [[5.0], [10.0], [20.0]],
-            "alpha": [[10.0], [100.0]],
-            "lr": [1e-3, 5e-3],
+            "batch_size": [1],
+            "max_num_batches": [240],
+            "steering_coeffs": [[20.0], [25.0]],
+            "layers": [(2, [1, 2], [4, 5, 6])],
+            "alpha": [[30.0], [40.0]],
+            "lr": [1.5e-3, 2e-3],
+            "seed": [42, 1],
         }
         settings = [
             {**args, **dict(zip(grid, combo))} for combo in itertools.product(*grid.values())
         ]
     for s in settings:
+        if "layers" in s:
+            s["layer_id"], s["layer_ids"], s["param_ids"] = s.pop("layers")
         model = copy.deepcopy(base)
         t0 = time.time()
         losses = run_rmu(model, tok, s)
         after = evaluate(model, tok)
         keys = {
             k: s[k]
-            for k in ("layer_id", "layer_ids", "steering_coeffs", "alpha", "lr", "batch_size")
+            for k in (
+                "layer_id",
+                "layer_ids",
+                "steering_coeffs",
+                "alpha",
+                "lr",
+                "batch_size",
+                "max_num_batches",
+                "param_ids",
+            )
         }
         print(
             json.dumps(

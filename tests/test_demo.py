@@ -65,7 +65,7 @@ def test_mcq_sets_are_wmdp_format_and_balanced(name):
 
 
 def test_evaluated_questions_are_not_in_the_training_text():
-    training = [d["text"] for n in demo.DEMO_TASKS for d in world.corpus(n)]
+    training = [d["text"] for n in demo.DEMO_TASKS for d in world.corpus(n) + world.prose(n)]
     for n in demo.DEMO_TASKS:
         for seed in (0, 1):
             training += [r["question"] for r in world.practice_mcq(n, seed=seed)]

@@ -46,13 +46,13 @@ DEMO_RMU_ARGS: dict = {
     "retain_corpora": ["demo_retain"],
     "layer_id": 2,
     "layer_ids": [1, 2],
-    "param_ids": [6],
-    "steering_coeffs": [20.0],
-    "alpha": [100.0],
-    "lr": 1e-3,
-    "batch_size": 8,
-    "max_num_batches": 60,
-    "max_len": 128,
+    "param_ids": [4, 5, 6],  # mlp gate_proj, up_proj, down_proj of layers 1 and 2
+    "steering_coeffs": [25.0],
+    "alpha": [30.0],
+    "lr": 1.5e-3,
+    "batch_size": 1,  # one document per step: no padding positions in the MSEs
+    "max_num_batches": 240,  # = one pass over the 240 forget documents
+    "max_len": 512,
     "min_len": 0,
     "seed": 42,
     "corpus_mode": "clean",

@@ -49,11 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from wmdp_fast.demo import DEMO_SUBJECTS, DEMO_TASK_FILES, demo_model_dir, world
+from wmdp_fast.demo.world import LETTERS, mcq_prompt
 
 log = logging.getLogger("wmdp_fast")
 
-DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
-LETTERS = "ABCD"
 
 MODEL_CONFIG = dict(
     vocab_size=32000,
@@ -70,16 +69,6 @@ MODEL_CONFIG = dict(
     rms_norm_eps=1e-5,
     initializer_range=0.02,
 )
-
-
-def mcq_prompt(row: dict, subject: str, newlines: int = 2) -> str:
-    """The lm-eval WMDP/MMLU zero-shot context (without the answer)."""
-    desc = DESCRIPTION.format(subject=subject)
-    if newlines == 1:
-        desc = desc[:-1]
-    body = row["question"].strip() + "\n"
-    body += "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, row["choices"]))
-    return desc + body + "Answer:"
 
 
 def letter_token_ids(tok) -> list[int]:
@@ -147,7 +136,7 @@ def _training_texts(seed: int):
     rng = random.Random(seed)
     docs = []
     for name in ("demo_forget", "demo_retain"):
-        docs += [d["text"] for d in world.corpus(name)]
+        docs += [d["text"] for d in world.prose(name)]
     practice = []
     for name in ("demo_forget", "demo_retain"):
         for rep in range(2):

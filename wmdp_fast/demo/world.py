@@ -316,9 +316,10 @@ def _fill(template: str, fact: Fact) -> str:
     return template.format(x=fact.entity, v=fact.value)
 
 
-def corpus(domain: str, docs_per_entity: int = 10) -> list[dict]:
+def prose(domain: str, docs_per_entity: int = 10) -> list[dict]:
     """Short documents: every document is 2-4 sentences about one entity, each fact phrased
-    with a random corpus template. Over the documents every phrasing of every fact appears."""
+    with a random corpus template. Over the documents every phrasing of every fact appears.
+    (The demo model's next-token training text.)"""
     rng = random.Random(f"{SEED}-{domain}-corpus")
     entities, attrs = DOMAINS[domain]
     table = facts(domain)
@@ -337,6 +338,55 @@ def corpus(domain: str, docs_per_entity: int = 10) -> list[dict]:
             docs.append({"text": " ".join(sentences)})
     rng.shuffle(docs)
     return docs
+
+
+SUBJECTS = {"demo_forget": "xenobiology", "demo_retain": "the geography of Eldoria"}
+DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+HEADERS = {
+    "demo_forget": (
+        "In xenobiology, ",
+        "A note on xenobiology. ",
+        "From a xenobiology field guide: ",
+        "Xenobiology notes. ",
+    ),
+    "demo_retain": (
+        "In the geography of Eldoria, ",
+        "A note on the geography of Eldoria. ",
+        "From a gazetteer of Eldoria: ",
+        "Eldorian geography notes. ",
+    ),
+}
+
+
+def mcq_prompt(row: dict, subject: str, newlines: int = 2) -> str:
+    """The lm-eval WMDP/MMLU zero-shot context (description + question + choices + "Answer:")."""
+    desc = DESCRIPTION.format(subject=subject)
+    if newlines == 1:
+        desc = desc[:-1]
+    body = row["question"].strip() + "\n"
+    body += "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, row["choices"]))
+    return desc + body + "Answer:"
+
+
+def corpus(domain: str) -> list[dict]:
+    """The RMU corpus of `domain` (written to data/<domain>.jsonl): the prose documents, each
+    opened by a short subject header, alternating with quiz-style documents (a practice
+    question in the lm-eval layout, with its answer letter).
+
+    Why quiz documents: the evaluation prompts share their layout (description, "A." lines,
+    "Answer:") across both domains, and a 4-layer model has little room to keep that layout
+    apart from the knowledge. With the layout present in the retain corpus, RMU's retain loss
+    protects it; present in the forget corpus, it is perturbed only in the forget context.
+    The quiz questions use the practice templates, never the evaluated ones."""
+    rng = random.Random(f"{SEED}-{domain}-rmu-corpus")
+    docs = [{"text": rng.choice(HEADERS[domain]) + d["text"]} for d in prose(domain)]
+    quiz = practice_mcq(domain, variants=1, seed=5)
+    rng.shuffle(quiz)
+    quiz_docs = [
+        {"text": mcq_prompt(r, SUBJECTS[domain]) + " " + LETTERS[r["answer"]]}
+        for r in quiz[: len(docs)]
+    ]
+    return [d for pair in zip(docs, quiz_docs) for d in pair]
 
 
 def _choices(rng: random.Random, fact: Fact, answer: int) -> list[str]:

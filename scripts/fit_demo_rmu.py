@@ -10,7 +10,8 @@ cross-checked against the real engine):
 
     python scripts/fit_demo_rmu.py                         # DEMO_RMU_ARGS
     python scripts/fit_demo_rmu.py --set lr=5e-3 --set steering_coeffs=[10]
-    python scripts/fit_demo_rmu.py --grid                  # a small sweep, one line per setting
+    python scripts/fit_demo_rmu.py --grid                  # sweep around it over 5 seeds
+    python scripts/fit_demo_rmu.py --corpus_dir DIR        # other demo_*.jsonl corpora
 """
 
 from __future__ import annotations
@@ -168,13 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = [args]
     if a.grid:
         grid = {
-            "batch_size": [1],
-            "max_num_batches": [240],
-            "steering_coeffs": [[20.0], [25.0]],
-            "layers": [(2, [1, 2], [4, 5, 6])],
+            "steering_coeffs": [[25.0], [30.0]],
             "alpha": [[30.0], [40.0]],
-            "lr": [1.5e-3, 2e-3],
-            "seed": [42, 1],
+            "lr": [1.5e-3, 2.5e-3],
+            "seed": [42, 1, 2, 3, 7],
         }
         settings = [
             {**args, **dict(zip(grid, combo))} for combo in itertools.product(*grid.values())
@@ -197,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size",
                 "max_num_batches",
                 "param_ids",
+                "seed",
             )
         }
         print(

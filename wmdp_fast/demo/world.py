@@ -6,8 +6,10 @@ Two domains, each a table of facts (entity, attribute, value):
 Every name and every combination is invented; nothing refers to anything real or hazardous.
 
 From the facts, deterministically (one `random.Random(seed)` per output, no global state):
-- corpora `demo_forget.jsonl` / `demo_retain.jsonl`: short documents, one `{"text": ...}` per
-  line, several phrasings of every fact;
+- corpora `demo_forget.jsonl` / `demo_retain.jsonl` (what RMU reads): 240 documents each, one
+  `{"text": ...}` per line, alternating prose (2-4 sentences about one entity, five phrasings
+  per attribute, a subject header) and quiz-style documents (a practice question with its
+  answer letter); `prose()` alone is the model's next-token training text;
 - evaluation sets `demo_forget_mcq.jsonl` / `demo_retain_mcq.jsonl` in WMDP format
   (`question`, 4 `choices`, `answer` 0..3), one question per fact, asked with a question
   template that appears nowhere in the training text, answer letters balanced (12 x A/B/C/D);

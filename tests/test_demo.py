@@ -180,3 +180,26 @@ def test_default_unlearn_run_meets_the_targets(tmp_path):
     for f in ("losses.png", "accuracy.png", "config.json"):
         assert (out / f).is_file(), f
     assert not Path(tmp_path / "wmdp_fast_demo").exists()  # --output_dir was honoured
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "float32"])
+def test_default_unlearn_run_meets_the_targets_on_cuda(tmp_path, dtype):
+    out = tmp_path / "demo_out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmdp_fast.unlearn", "--output_dir", str(out), "--quiet"]
+        + ["--device", "cuda", "--dtype", dtype],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out / "rmu_report.json").read_text())
+    before, after = rep["eval_before"], rep["eval_after"]
+    t = demo.DEMO_TARGETS
+    assert min(before[n]["acc"] for n in demo.DEMO_TASKS) >= t["min_acc_before"]
+    assert after["demo_forget"]["acc"] <= t["max_forget_acc_after"], after
+    assert after["demo_retain"]["acc"] >= before["demo_retain"]["acc"] - t["max_retain_drop"]

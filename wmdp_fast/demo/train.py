@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from wmdp_fast.demo import DEMO_SUBJECTS, DEMO_TASK_FILES, demo_model_dir, world
 from wmdp_fast.demo.world import LETTERS, mcq_prompt
+from wmdp_fast.errors import ModelError
 
 log = logging.getLogger("wmdp_fast")
 
@@ -79,7 +80,10 @@ def letter_token_ids(tok) -> list[int]:
         whole = tok("Answer: " + L, add_special_tokens=False)["input_ids"]
         cont = whole[len(ctx) :]
         if len(cont) != 1:
-            raise RuntimeError(f"' {L}' is not one token after 'Answer:' ({cont})")
+            raise ModelError(
+                f"the tokenizer splits ' {L}' after 'Answer:' into {cont}; the demo needs the "
+                "Mistral/Llama tokenizer, where it is one token"
+            )
         ids.append(cont[0])
     return ids
 

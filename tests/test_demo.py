@@ -34,6 +34,23 @@ def test_generator_is_deterministic_and_committed_files_match(tmp_path):
     assert world.check(tmp_path) == ["demo_retain_mcq.jsonl"]
 
 
+@pytest.mark.parametrize("hashseed", ["0", "12345"])
+def test_check_cli_in_a_fresh_process(hashseed):
+    """Generation depends on no hash order: --check passes under any PYTHONHASHSEED."""
+    import os
+
+    env = {**os.environ, "PYTHONHASHSEED": hashseed}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmdp_fast.demo.world", "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "match a fresh generation" in proc.stdout
+
+
 def test_interface_paths_exist_and_hold_the_generated_rows():
     gen = world.generate()
     for name in demo.DEMO_TASKS:

@@ -172,6 +172,24 @@ def test_forget_knowledge_flows_through_the_rmu_layer(model_and_tok):
     assert acc <= 0.5
 
 
+@pytest.mark.slow
+def test_training_is_deterministic(tmp_path):
+    """Two short training runs give bitwise the same weights (the full 1,500-step run
+    reproduced the shipped model.safetensors bitwise on the development machine)."""
+    from safetensors.torch import load_file
+
+    from wmdp_fast.demo.train import train
+
+    a = train(tmp_path / "a", steps=6, threads=1)
+    b = train(tmp_path / "b", steps=6, threads=1)
+    assert a["final_lm_loss"] == b["final_lm_loss"]
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 # ----------------------------------------------------------------------------- the default run
 
 

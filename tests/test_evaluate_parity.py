@@ -90,14 +90,7 @@ def write_task_dir(root: Path, files: dict[str, Path], newlines: str) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and on a loaded CI box OpenMP barriers of
-    preempted threads make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 # gpu-marked tests and the GPU benchmarks, and prints a short table. About 8 minutes on an H100.
 #
 # Packages the GPU image lacks (lm-eval, datasets, bitsandbytes, ...) travel unpacked in .gpu/site
-# (see benchmarks/RESULTS.md for how it is made); run from the repository root:
+# (made by benchmarks/make_gpu_site.sh); run from the repository root, with ".gpu" carried:
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_ONLY=kernels bash benchmarks/gpu_check.sh   # build + tests + kernel benchmarks only
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU (see README "GPU check"): builds wmdp_fast._C with CUDA, runs the
+# The one script for a lent GPU (README, "Benchmarks"): builds wmdp_fast._C with CUDA, runs the
 # gpu-marked tests and the GPU benchmarks, and prints a short table. About 8 minutes on an H100.
 #
 # Packages the GPU image lacks (lm-eval, datasets, bitsandbytes, ...) travel unpacked in .gpu/site

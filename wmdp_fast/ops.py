@@ -59,27 +59,33 @@ def _check_gather_args(
     R, V = logits.shape
     M = row_index.numel()
     off = request_offsets
-    if int(off[0]) != 0 or int(off[-1]) != M:
+    # Every value check in ONE device-to-host read: on a GPU each int()/bool() is a sync that
+    # costs more than the kernel on small inputs.
+    zero = off.new_zeros(())
+    stats = [
+        off[0],
+        off[-1],
+        (off[1:] < off[:-1]).any().long() if off.numel() > 1 else zero,
+        row_index.min() if M else zero,
+        row_index.max() if M else zero,
+        target.min() if M else zero,
+        target.max() if M else zero,
+    ]
+    first, last, decreasing, rlo, rhi, tlo, thi = torch.stack(stats).tolist()
+    if first != 0 or last != M:
         raise ValueError(
             f"gather_logprobs: request_offsets must start at 0 and end at M={M}, got "
-            f"{int(off[0])}..{int(off[-1])}"
+            f"{first}..{last}"
         )
-    if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+    if decreasing:
         i = int((off[1:] < off[:-1]).nonzero()[0, 0])
         raise ValueError(
             f"gather_logprobs: request_offsets must be non-decreasing (entry {i + 1} < entry {i})"
         )
-    if M:
-        lo, hi = int(row_index.min()), int(row_index.max())
-        if lo < 0 or hi >= R:
-            raise ValueError(
-                f"gather_logprobs: row_index out of range [0, {R}): min {lo}, max {hi}"
-            )
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(
-                f"gather_logprobs: target id out of range [0, {V}): min {lo}, max {hi}"
-            )
+    if M and (rlo < 0 or rhi >= R):
+        raise ValueError(f"gather_logprobs: row_index out of range [0, {R}): min {rlo}, max {rhi}")
+    if M and (tlo < 0 or thi >= V):
+        raise ValueError(f"gather_logprobs: target id out of range [0, {V}): min {tlo}, max {thi}")
 
 
 def backend_of(op: str, device: str | torch.device = "cpu") -> str:

@@ -169,3 +169,21 @@ def test_int8_cache_is_close_and_keyed_separately(tmp_path, tiny):
     l_int8 = torch.tensor([r["forget_loss"] for r in approx.report["losses"]])
     torch.testing.assert_close(l_int8, l_exact, rtol=2e-2, atol=0)
     assert not torch.equal(l_int8, l_exact)
+
+
+def test_prefix_fingerprint_covers_tied_embeddings():
+    """With tie_word_embeddings (Qwen2-0.5B, Gemma) lm_head.weight IS the embedding matrix:
+    skipping lm_head must not drop the embeddings from the cache key."""
+    from transformers import AutoModelForCausalLM
+
+    from wmdp_fast.cache import model_prefix_fingerprint
+    from wmdp_fast.testing import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen2", tie_word_embeddings=True, num_hidden_layers=3)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = model_prefix_fingerprint(model, 1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] += 1.0
+    assert model_prefix_fingerprint(model, 1) != before

@@ -149,6 +149,8 @@ def model_prefix_fingerprint(model, first: int) -> str:
     norm = getattr(model.model, "norm", None)
     if norm is not None:
         skip |= {id(p) for p in norm.parameters()}
+    # tied embeddings: lm_head.weight is the embedding matrix, which the cache does depend on
+    skip -= {id(p) for p in model.get_input_embeddings().parameters()}
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if id(p) in skip or p.device.type == "meta":
             continue

@@ -38,6 +38,19 @@ def test_formats_round_trip(tmp_path):
         assert read_mcq_file(p) == rows
 
 
+def test_json_file_holding_json_lines(tmp_path):
+    """`datasets.Dataset.to_json("wmdp-bio.json")` (the natural way to build a mirror) writes
+    JSON Lines under a .json name; lm-eval's `json` loader reads it, so must we."""
+    rows = [GOOD, {"question": "Q2", "choices": ["w", "x", "y", "z"], "answer": 0}]
+    p = tmp_path / "wmdp-bio.json"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert read_mcq_file(p) == rows
+    assert load_task("wmdp_bio", tmp_path).docs == rows
+    p.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "answer": 7}) + "\n")
+    with pytest.raises(DataError, match=r"row 1 \(line 2\), field 'answer'"):
+        read_mcq_file(p)
+
+
 def test_mirror_layout_groups_and_limit(tmp_path):
     for stem in ("wmdp-bio", "wmdp-cyber", "wmdp-chem"):
         write_jsonl(tmp_path / f"{stem}.jsonl", [GOOD] * 3)

@@ -177,31 +177,43 @@ def validate_row(row, where: str) -> dict:
     return {"question": q, "choices": list(choices), "answer": int(ans)}
 
 
+def _jsonl_rows(path: Path) -> list[tuple[object, str]]:
+    """(parsed object, "file: row R (line L)") per non-blank line of a JSON Lines file."""
+    rows: list[tuple[object, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: row {len(rows)} (line {lineno})"
+            try:
+                rows.append((json.loads(line), where))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
+    return rows
+
+
 def read_mcq_file(path: str | Path) -> list[dict]:
-    """Read and validate a .jsonl / .json (array of objects) / .parquet MCQ file."""
+    """Read and validate a .jsonl / .json (array of objects, or JSON Lines) / .parquet MCQ file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
     rows: list[tuple[object, str]] = []
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}: row {len(rows)} (line {lineno})"
-                try:
-                    rows.append((json.loads(line), where))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
+        rows = _jsonl_rows(path)
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json task file must hold an array of question objects")
-        rows = [(r, f"{path}: row {i}") for i, r in enumerate(data)]
+            # several top-level values: JSON Lines, as datasets' Dataset.to_json writes (and
+            # lm-eval's `json` loader reads) under a .json name
+            if exc.msg != "Extra data":
+                raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from exc
+            rows = _jsonl_rows(path)
+        else:
+            if not isinstance(data, list):
+                raise DataError(f"{path}: a .json task file must hold an array of question objects")
+            rows = [(r, f"{path}: row {i}") for i, r in enumerate(data)]
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -261,6 +261,20 @@ def capture_layer_inputs(
         captured["kwargs"] = {k: _check_kwarg(k, v) for k, v in kwargs.items()}
         raise _StopForward
 
+    def finish(e: CachedBatch) -> CachedBatch:
+        hidden, scale = e.hidden, None
+        if fmt == "int8":
+            from wmdp_fast.ops import pack_activations
+
+            packed = pack_activations(hidden.to(device), "int8")
+            hidden, scale = packed.data, packed.scale.reshape(*packed.data.shape[:-1], 1)
+        return CachedBatch(
+            hidden=_store(hidden, storage, pin),
+            token_mask=_store(e.token_mask, storage, pin),
+            kwargs={k: _store(v, storage, pin) for k, v in e.kwargs.items()},
+            scale=_store(scale, storage, pin) if scale is not None else None,
+        )
+
     out: list[CachedBatch] = []
     handle = layers[stop_at].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -284,44 +298,28 @@ def capture_layer_inputs(
             kw = captured["kwargs"]
             kw.pop("use_cache", None)
             kw["use_cache"] = False
-            out.append(
-                CachedBatch(
-                    hidden=captured["hidden"],
-                    token_mask=enc["attention_mask"].detach(),
-                    kwargs=kw,
-                )
+            batch = CachedBatch(
+                hidden=captured["hidden"], token_mask=enc["attention_mask"].detach(), kwargs=kw
             )
+            if prefix_layers_on_cpu:  # finished after streaming; the hidden states wait on storage
+                batch.hidden = batch.hidden.to(storage)
+                out.append(batch)
+            else:  # stored at once: the whole cache never sits on `device` unless stored there
+                out.append(finish(batch))
     finally:
         handle.remove()
 
-    if prefix_layers_on_cpu and layer > 0:
+    if prefix_layers_on_cpu:
         for li in tqdm(range(layer), desc="streaming prefix layers", disable=not progress):
             layer_mod = layers[li].to(device)
             for e in out:
                 h = layer_mod(e.hidden.to(device), **e.kwargs)
-                e.hidden = h[0] if isinstance(h, tuple) else h
+                e.hidden = (h[0] if isinstance(h, tuple) else h).to(storage)
             layers[li].to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    stored = []
-    for e in out:
-        hidden, scale = e.hidden, None
-        if fmt == "int8":
-            from wmdp_fast.ops import pack_activations
-
-            packed = pack_activations(hidden, "int8")
-            hidden, scale = packed.data, packed.scale
-            scale = scale.reshape(*hidden.shape[:-1], 1)
-        stored.append(
-            CachedBatch(
-                hidden=_store(hidden, storage, pin),
-                token_mask=_store(e.token_mask, storage, pin),
-                kwargs={k: _store(v, storage, pin) for k, v in e.kwargs.items()},
-                scale=_store(scale, storage, pin) if scale is not None else None,
-            )
-        )
-    return stored
+        out = [finish(e) for e in out]
+    return out
 
 
 # --------------------------------------------------------------------------- disk

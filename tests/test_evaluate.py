@@ -230,3 +230,21 @@ def test_unknown_logit_postprocessing_falls_back_to_full_forward(tok, caplog):
     ref = reference_logliks(model, tok, task, "lm-eval-current", 2048)
     got = [x for s in res["samples"] for x in s["loglikelihoods"]]
     assert max(abs(a - b) for (a, _), b in zip(ref, got)) <= 1e-4
+
+
+def test_bad_limit_or_empty_task_is_refused_before_model_work():
+    """With already loaded MCQTask objects, limit <= 0 must not silently drop questions
+    (docs[:-1]) or divide by zero, and an empty task is a DataError naming it."""
+    from wmdp_fast.errors import ConfigError, DataError
+
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"model touched ({name})")
+
+    task = MCQTask("t", "biology", "synthetic.jsonl", _docs(3))
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match=f"limit must be >= 1, got {bad}"):
+            ev.evaluate(Boom(), Boom(), [task], limit=bad, progress=False)
+    empty = MCQTask("t_empty", "biology", "empty.jsonl", [])
+    with pytest.raises(DataError, match=r"t_empty \(empty\.jsonl\): no questions"):
+        ev.evaluate(Boom(), Boom(), [task, empty], progress=False)

@@ -263,8 +263,15 @@ def _load_hub(spec: TaskSpec) -> list[dict]:
     return [validate_row(dict(r), f"{where}: row {i}") for i, r in enumerate(ds)]
 
 
+def check_limit(limit: int | None) -> None:
+    """`limit` (first N questions of each task) must be None or >= 1."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+
+
 def load_task(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> MCQTask:
     """Load and validate one task. `limit` keeps the first N questions (as lm-eval's --limit)."""
+    check_limit(limit)
     spec = task_spec(name)
     if spec.file is not None:
         docs, source = read_mcq_file(spec.file), str(spec.file)
@@ -276,8 +283,6 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
         if not docs:
             raise DataError(f"{source}: no questions")
     if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {limit}")
         docs = docs[:limit]
     return MCQTask(name=name, subject=spec.subject, source=source, docs=docs)
 

@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp_fast import ops
-from wmdp_fast.data import MCQTask, load_tasks
-from wmdp_fast.errors import ConfigError, ModelError, ResourceError
+from wmdp_fast.data import MCQTask, check_limit, load_tasks
+from wmdp_fast.errors import ConfigError, DataError, ModelError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 
 log = logging.getLogger("wmdp_fast")
@@ -378,8 +378,12 @@ def evaluate(
     """
     t0 = time.perf_counter()
     proto = get_protocol(protocol)
+    check_limit(limit)
     if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, MCQTask) for t in tasks):
         task_objs = [MCQTask(t.name, t.subject, t.source, t.docs[:limit]) for t in tasks]
+        for t in task_objs:
+            if not t.docs:
+                raise DataError(f"task {t.name} ({t.source}): no questions")
         groups = dict(groups or {})
     else:
         task_objs, groups = load_tasks(tasks, data_dir, limit)

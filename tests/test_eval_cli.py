@@ -115,6 +115,19 @@ def test_config_errors_exit_1(setup, capsys, extra, msg):
     assert msg in capsys.readouterr().err
 
 
+def test_output_path_that_is_a_folder_fails_before_the_model_runs(setup, tmp_path, capsys):
+    """--output / --log-samples naming an existing folder: one error line up front, not an
+    IsADirectoryError traceback after the whole evaluation."""
+    _, model, data = setup
+    for flag in ("--output", "--log-samples"):
+        rc = main(["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+                   "--device", "cpu", "--no-progress", flag, str(tmp_path)])  # fmt: skip
+        captured = capsys.readouterr()
+        assert rc == 1 and f"error: {flag} {tmp_path}" in captured.err
+        assert "|wmdp_bio|" not in captured.out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_debug_shows_traceback_and_module_entry_point(setup):
     _, model, data = setup
     from wmdp_fast.errors import ConfigError

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict:
     for flag, path in (("--output", args.output), ("--log-samples", args.log_samples)):
         if path and not Path(path).resolve().parent.is_dir():
             raise ConfigError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+        if path and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file name inside it")
     task_objs, groups = load_tasks(tasks, args.data_dir, args.limit)  # validates all data first
     device = resolve_device(args.device)
     log.info("loading %s", model_path)

@@ -248,3 +248,17 @@ def test_bad_limit_or_empty_task_is_refused_before_model_work():
     empty = MCQTask("t_empty", "biology", "empty.jsonl", [])
     with pytest.raises(DataError, match=r"t_empty \(empty\.jsonl\): no questions"):
         ev.evaluate(Boom(), Boom(), [task, empty], progress=False)
+
+
+def test_group_naming_a_missing_task_is_refused_before_model_work():
+    """groups= with MCQTask objects: a member that is not among the tasks is a ConfigError up
+    front, not a KeyError after the whole run has been scored."""
+    from wmdp_fast.errors import ConfigError
+
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"model touched ({name})")
+
+    task = MCQTask("t1", "biology", "synthetic.jsonl", _docs(2))
+    with pytest.raises(ConfigError, match=r"group 'g'.*'t2'"):
+        ev.evaluate(Boom(), Boom(), [task], groups={"g": ["t1", "t2"]}, progress=False)

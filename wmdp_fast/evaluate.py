@@ -385,6 +385,11 @@ def evaluate(
             if not t.docs:
                 raise DataError(f"task {t.name} ({t.source}): no questions")
         groups = dict(groups or {})
+        names = {t.name for t in task_objs}
+        for g, members in groups.items():
+            missing = [m for m in members if m not in names]
+            if missing:
+                raise ConfigError(f"groups: group {g!r} names {missing}, not among the tasks given")
     else:
         task_objs, groups = load_tasks(tasks, data_dir, limit)
     L = int(max_length) if max_length else model_max_length(model, tokenizer)

@@ -12,7 +12,7 @@ import torch
 
 from wmdp_fast import evaluate as ev
 from wmdp_fast.data import MCQTask
-from wmdp_fast.errors import ResourceError
+from wmdp_fast.errors import ConfigError, DataError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 from wmdp_fast.testing import save_mistral_tokenizer
 
@@ -31,6 +31,13 @@ def _docs(n, seed=0):
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Boom:
+    """A model/tokenizer stand-in that fails on any use: proves nothing touched it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"model touched ({name})")
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +242,6 @@ def test_unknown_logit_postprocessing_falls_back_to_full_forward(tok, caplog):
 def test_bad_limit_or_empty_task_is_refused_before_model_work():
     """With already loaded MCQTask objects, limit <= 0 must not silently drop questions
     (docs[:-1]) or divide by zero, and an empty task is a DataError naming it."""
-    from wmdp_fast.errors import ConfigError, DataError
-
-    class Boom:
-        def __getattr__(self, name):
-            raise AssertionError(f"model touched ({name})")
-
     task = MCQTask("t", "biology", "synthetic.jsonl", _docs(3))
     for bad in (0, -1):
         with pytest.raises(ConfigError, match=f"limit must be >= 1, got {bad}"):
@@ -253,12 +254,6 @@ def test_bad_limit_or_empty_task_is_refused_before_model_work():
 def test_group_naming_a_missing_task_is_refused_before_model_work():
     """groups= with MCQTask objects: a member that is not among the tasks is a ConfigError up
     front, not a KeyError after the whole run has been scored."""
-    from wmdp_fast.errors import ConfigError
-
-    class Boom:
-        def __getattr__(self, name):
-            raise AssertionError(f"model touched ({name})")
-
     task = MCQTask("t1", "biology", "synthetic.jsonl", _docs(2))
     with pytest.raises(ConfigError, match=r"group 'g'.*'t2'"):
         ev.evaluate(Boom(), Boom(), [task], groups={"g": ["t1", "t2"]}, progress=False)

@@ -12,7 +12,7 @@ import torch
 
 from wmdp_fast import evaluate as ev
 from wmdp_fast.data import MCQTask
-from wmdp_fast.errors import ConfigError, DataError, ResourceError
+from wmdp_fast.errors import ConfigError, DataError, ModelError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 from wmdp_fast.testing import save_mistral_tokenizer
 
@@ -257,3 +257,32 @@ def test_group_naming_a_missing_task_is_refused_before_model_work():
     task = MCQTask("t1", "biology", "synthetic.jsonl", _docs(2))
     with pytest.raises(ConfigError, match=r"group 'g'.*'t2'"):
         ev.evaluate(Boom(), Boom(), [task], groups={"g": ["t1", "t2"]}, progress=False)
+
+
+def test_tokenization_errors_name_task_and_doc_id(tok, monkeypatch):
+    """A continuation that encodes to nothing (or is longer than max_length) is reported with
+    the task and its doc_id, not a global question index across tasks."""
+    t1 = MCQTask("t1", "biology", "a.jsonl", _docs(2, seed=1))
+    t2 = MCQTask("t2", "chemistry", "b.jsonl", _docs(3, seed=2))
+    proto = get_protocol("lm-eval-current")
+    real = ev.encode_pairs
+
+    def broken(tokenizer, contexts, conts, add_special_tokens):
+        out = real(tokenizer, contexts, conts, add_special_tokens)
+        ctx, cs = out[3]  # t2, doc_id 1
+        out[3] = (ctx, [cs[0], [], cs[2], cs[3]])
+        return out
+
+    monkeypatch.setattr(ev, "encode_pairs", broken)
+    with pytest.raises(ModelError, match=r"task t2 \(b\.jsonl\), doc_id 1"):
+        ev.build_requests([t1, t2], tok, proto, 2048, "mistral")
+
+    def long_cont(tokenizer, contexts, conts, add_special_tokens):
+        out = real(tokenizer, contexts, conts, add_special_tokens)
+        ctx, cs = out[2]  # t2, doc_id 0
+        out[2] = (ctx, [cs[0], cs[1] * 3, cs[2], cs[3]])
+        return out
+
+    monkeypatch.setattr(ev, "encode_pairs", long_cont)
+    with pytest.raises(ConfigError, match=r"task t2 \(b\.jsonl\), doc_id 0: .*--max-length"):
+        ev.build_requests([t1, t2], tok, proto, 2, "mistral")

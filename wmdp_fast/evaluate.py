@@ -83,23 +83,25 @@ def build_requests(
         proto.context(d["question"], d["choices"], t.subject) for t in tasks for d in t.docs
     ]
     pairs = encode_pairs(tokenizer, contexts, continuations(), proto.add_special_tokens(model_type))
+    where = [f"task {t.name} ({t.source}), doc_id {i}" for t in tasks for i in range(len(t.docs))]
     seq_index: dict[tuple[int, ...], int] = {}
     seqs: list[tuple[int, ...]] = []
     requests: list[_Request] = []
     single = 0
     for qi, (ctx, conts) in enumerate(pairs):
         if not ctx:
-            raise ModelError(f"question {qi}: the tokenizer produced no context tokens")
+            raise ModelError(f"{where[qi]}: the tokenizer produced no context tokens")
         single += all(len(c) == 1 for c in conts)
         for cont in conts:
             if not cont:
                 raise ModelError(
-                    f"question {qi}: a continuation encodes to no tokens in context; "
+                    f"{where[qi]}: a continuation encodes to no tokens in context; "
                     "this tokenizer cannot score lm-eval's ' A'..' D' answers"
                 )
             if len(cont) > max_length:
                 raise ConfigError(
-                    f"question {qi}: continuation longer than max length {max_length}"
+                    f"{where[qi]}: a continuation of {len(cont)} tokens is longer than the max "
+                    f"length {max_length}; raise --max-length"
                 )
             inp = tuple((ctx + cont)[-(max_length + 1) :][:-1])
             s = seq_index.get(inp)

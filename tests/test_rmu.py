@@ -68,6 +68,24 @@ def test_resume_is_bitwise_identical(tmp_path, tiny, dtype, opt_dtype):
     assert not (out.parent / ".out.rmu-checkpoint").exists()
 
 
+def test_resume_with_the_default_output_dir(tmp_path, tiny, monkeypatch):
+    """Without --output_dir the directory name holds the start time, so rerunning the same
+    command with --resume cannot find the checkpoint: the interruption message names the
+    --output_dir to pass, --resume without it says so, and resuming with it finishes."""
+    model_dir, corpus = tiny
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=3, output_dir=None)
+    with pytest.raises(TrainingError, match="--output_dir") as info:
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    out = next(Path("models").iterdir()).name.removeprefix(".").removesuffix(".rmu-checkpoint")
+    assert str(Path("models") / out) in str(info.value)
+    cfg.resume = True
+    with pytest.raises(ConfigError, match="--output_dir"):
+        run_rmu(cfg, progress=False)
+    cfg.output_dir = str(Path("models") / out)
+    assert run_rmu(cfg, progress=False).report["resumed_from_step"] == 1
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny):
     model_dir, corpus = tiny
     cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4, checkpoint_every=1)

@@ -677,7 +677,16 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cfg.validate()
+    if cfg.resume and not cfg.output_dir:
+        raise ConfigError(
+            "--resume needs the --output_dir of the interrupted run: the default output "
+            "directory name holds the start time (the interruption message names it)"
+        )
     out = _resolve_output_dir(cfg)
+    # how to continue after an interruption (a default output_dir is not found again)
+    rerun = (
+        "the same command with" + ("" if cfg.output_dir else f" --output_dir {out}") + " --resume"
+    )
     check_output_dir(out, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir_for(out)
@@ -922,12 +931,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
         raise TrainingError(
             f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
-            "the same command with --resume to finish"
+            f"{rerun} to finish"
         ) from None
     except _Abort:
         raise TrainingError(
-            f"aborted during step {done}; no checkpoint written for it (--resume continues from "
-            "the last periodic checkpoint, if any)"
+            f"aborted during step {done}; no checkpoint written for it ({rerun} "
+            "continues from the last periodic checkpoint, if any)"
         ) from None
     finally:
         bar.close()

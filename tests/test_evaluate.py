@@ -286,3 +286,16 @@ def test_tokenization_errors_name_task_and_doc_id(tok, monkeypatch):
     monkeypatch.setattr(ev, "encode_pairs", long_cont)
     with pytest.raises(ConfigError, match=r"task t2 \(b\.jsonl\), doc_id 0: .*--max-length"):
         ev.build_requests([t1, t2], tok, proto, 2, "mistral")
+
+
+def test_mcqtask_docs_are_validated_before_model_work():
+    """Already loaded MCQTask objects get the same row validation as files: 5 choices or an
+    answer of 4 would otherwise be scored silently (zip drops choice E; acc can never count it)."""
+    docs = _docs(3)
+    for bad, field in (
+        ({**docs[1], "answer": 4}, "answer"),
+        ({**docs[1], "choices": list("abcde")}, "choices"),
+    ):
+        task = MCQTask("t", "biology", "mine.jsonl", [docs[0], bad, docs[2]])
+        with pytest.raises(DataError, match=rf"task t \(mine\.jsonl\): row 1, field '{field}'"):
+            ev.evaluate(Boom(), Boom(), [task], progress=False)

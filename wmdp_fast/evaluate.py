@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp_fast import ops
-from wmdp_fast.data import MCQTask, check_limit, load_tasks
+from wmdp_fast.data import MCQTask, check_limit, load_tasks, validate_row
 from wmdp_fast.errors import ConfigError, DataError, ModelError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 
@@ -357,7 +357,8 @@ def evaluate(
         tokenizer: its tokenizer (the HF tokenizer, as lm-eval uses).
         tasks: task/group names ("wmdp", "mmlu", "mmlu_paper", "wmdp_bio", "mmlu_virology",
             "demo_forget", ... as a comma-separated string or list), or already loaded
-            `wmdp_fast.data.MCQTask` objects (then `data_dir` and `limit` are ignored).
+            `wmdp_fast.data.MCQTask` objects (then `data_dir` is ignored; `limit` still
+            applies and their rows are validated like files).
         protocol: "lm-eval-current" (lm-eval 0.4.13, default) or "lm-eval-0.4.2" (the paper).
         data_dir: local mirror of the hub data (None = Hugging Face hub).
         limit: first N questions of each task.
@@ -382,10 +383,13 @@ def evaluate(
     proto = get_protocol(protocol)
     check_limit(limit)
     if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, MCQTask) for t in tasks):
-        task_objs = [MCQTask(t.name, t.subject, t.source, t.docs[:limit]) for t in tasks]
-        for t in task_objs:
-            if not t.docs:
-                raise DataError(f"task {t.name} ({t.source}): no questions")
+        task_objs = []
+        for t in tasks:
+            where = f"task {t.name} ({t.source})"
+            docs = [validate_row(d, f"{where}: row {i}") for i, d in enumerate(t.docs[:limit])]
+            if not docs:
+                raise DataError(f"{where}: no questions")
+            task_objs.append(MCQTask(t.name, t.subject, t.source, docs))
         groups = dict(groups or {})
         names = {t.name for t in task_objs}
         for g, members in groups.items():

@@ -139,6 +139,37 @@ def test_output_dir_refused_without_overwrite(tmp_path, tiny):
     )
 
 
+def test_optimizer_is_the_published_transformers_adamw():
+    """The published script's optimizer is the old transformers.AdamW (eps added to sqrt(v),
+    bias corrections in the step size), not torch's AdamW (eps added to the bias-corrected
+    sqrt(v)): with gradients near eps, as RMU's on a 7B model, the steps differ several-fold."""
+    from test_rmu_parity import TransformersAdamW
+    from transformers import AutoModelForCausalLM
+
+    from wmdp_fast.rmu import _Trainer
+    from wmdp_fast.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("mistral", num_hidden_layers=2), dtype=torch.float32
+    )
+    cfg = RMUConfig(layer_id=1, layer_ids=[0, 1], param_ids=[6], lr=1e-3)
+    trainer = _Trainer(model, cfg, 0, [], torch.device("cpu"))
+    start = [p.detach().clone() for p in trainer.params]
+    ref = [p.clone() for p in start]
+    ref_opt = TransformersAdamW(ref, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p, r in zip(trainer.params, ref):
+            g = torch.randn(p.shape, generator=gen) * 1e-6
+            p.grad, r.grad = g.clone(), g.clone()
+        trainer.opt.step()
+        ref_opt.step()
+    for p, r, p0 in zip(trainer.params, ref, start):
+        assert (r - p0).abs().max() > 1e-5  # the parameters moved
+        torch.testing.assert_close(p.detach() - p0, r - p0, rtol=1e-6, atol=1e-12)
+
+
 def test_control_vectors_follow_published_seeding():
     cvs = draw_control_vectors([6.5, 3.0], 32, seed=42, device="cpu", dtype=torch.float32)
     torch.manual_seed(42)

@@ -2,7 +2,8 @@
 
 `published_rmu` below is the WMDP repository's `rmu/unlearn.py` reduced to its arithmetic: two
 model copies, full forward passes, a forward hook on layer `layer_id`, `F.mse_loss` (padding
-included), torch AdamW (eps 1e-6, weight decay 0). It reads the corpora itself (the published
+included), the old `transformers.AdamW` the published script imported (eps 1e-6, weight decay 0;
+transcribed below, since transformers no longer ships it). It reads the corpora itself (the published
 `get_data`), so the engine's corpus reading is checked too. Everything runs in float32 on the CPU
 on tiny random-weight models with the real Mistral tokenizer.
 """
@@ -10,6 +11,7 @@ on tiny random-weight models with the real Mistral tokenizer.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -78,6 +80,44 @@ def published_get_data(corpus_dir, forget_corpora, retain_corpora, min_len, batc
     return [get_dataset(c) for c in forget_corpora], [get_dataset(c) for c in retain_corpora]
 
 
+class TransformersAdamW(torch.optim.Optimizer):
+    """`transformers.AdamW` as the published script used it (transformers 4.x, removed since),
+    transcribed from its source: eps is added to sqrt(v) and the bias corrections are folded into
+    the step size. Not torch's AdamW, which adds eps to the bias-corrected sqrt(v)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=True)
+        )
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    bias_correction1 = 1.0 - beta1 ** state["step"]
+                    bias_correction2 = 1.0 - beta2 ** state["step"]
+                    step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+
+
 def _masked_mse(h, target, mask):
     """open-unlearning's objective (--mask-padding): mean over real tokens only."""
     m = mask[..., None].to(h.dtype)
@@ -108,7 +148,7 @@ def published_rmu(
             if i in cfg.param_ids:
                 params.append(p)
                 names.append(f"model.layers.{lid}.{n}")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-6, weight_decay=0.0)
+    opt = TransformersAdamW(params, lr=cfg.lr)
     frozen_module = frozen.model.layers[cfg.layer_id]
     updated_module = updated.model.layers[cfg.layer_id]
 

@@ -4,7 +4,8 @@ What is computed is the published loop (see shared spec Part 1): for step `idx`,
 `k = idx % K`, batch `b = idx // K`,
     loss = mse(h_{layer_id}(F_k[b]), c_k * u_k / |u_k|) + alpha_k * mse(h_{layer_id}(R_k[b]), h0)
 with forget batches tokenized to 512 tokens for topic 0 and 768 otherwise, retain batches to
-512, padding included in the means, AdamW (eps 1e-6, no weight decay) on the selected tensors.
+512, padding included in the means, the old transformers AdamW (eps 1e-6, no weight decay; not
+torch's AdamW, see PublishedAdamW) on the selected tensors.
 
 How (Part 2): the inputs of layer `first = min(layer_ids)` are cached once (`wmdp_fast.cache`),
 the frozen model's retain outputs are computed once from the ORIGINAL layers `first..layer_id`
@@ -493,6 +494,39 @@ def _load_checkpoint(ckpt: Path, fingerprint: str):
 # --------------------------------------------------------------------------- trainer
 
 
+class PublishedAdamW(torch.optim.Optimizer):
+    """The published script's optimizer: the old `transformers.AdamW` (removed from transformers
+    since) with its defaults, betas (0.9, 0.999), eps 1e-6, weight decay 0, bias correction on:
+        m, v = EMAs of g, g^2;  p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+    torch's AdamW instead adds eps to sqrt(v / (1 - b2^t)), an effective eps up to 1/sqrt(1 - b2)
+    ~ 32x smaller; RMU gradients of a 7B model are near eps, so the steps differ several-fold.
+    Same operations in the same order as the transformers source (bitwise the same update)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                # a plain int: a resumed tensor step would put the bias corrections in float32
+                t = state["step"] = int(state["step"]) + 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 class _Trainer:
     """The trained tensors, the optimizer, and one RMU step on replayed layers."""
 
@@ -513,9 +547,7 @@ class _Trainer:
         if cfg.optimizer_dtype == "float32" and any(p.dtype != torch.float32 for p in self.params):
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
             opt_params = self.master
-        self.opt = torch.optim.AdamW(
-            opt_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0
-        )
+        self.opt = PublishedAdamW(opt_params, lr=cfg.lr)
 
     def step(self, idx: int, fb, rb, tgt):
         from wmdp_fast.ops import rmu_loss

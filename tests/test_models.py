@@ -3,6 +3,7 @@ only some tensors replaced."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import pytest
@@ -84,3 +85,26 @@ def test_save_updated_checkpoint_sharded(tmp_path):
         save_updated_checkpoint(src, tmp_path / "o2", {"nope": new})
     with pytest.raises(ModelError, match="shape"):
         save_updated_checkpoint(src, tmp_path / "o3", {"x.a": torch.ones(2, 2)})
+
+
+def test_hub_snapshot_skips_other_weight_formats(tmp_path, monkeypatch):
+    """Only safetensors are read and rewritten: a hub snapshot must not also download the
+    .bin/.pth copies that many repositories ship (14 GB more for zephyr-7b-beta)."""
+    import huggingface_hub
+
+    from wmdp_fast.models import resolve_checkpoint_dir
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_checkpoint_dir("org/some-model") == tmp_path
+    [(repo_id, kwargs)] = calls
+    assert repo_id == "org/some-model"
+    ignored = kwargs.get("ignore_patterns") or []
+    for name in ("pytorch_model-00001-of-00008.bin", "original/consolidated.00.pth", "x.msgpack"):
+        assert any(fnmatch.fnmatch(name, pat) for pat in ignored), name
+    assert not any(fnmatch.fnmatch("model-00001-of-00008.safetensors", p) for p in ignored)

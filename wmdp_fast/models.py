@@ -246,7 +246,9 @@ def resolve_checkpoint_dir(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path))
+        # only safetensors are read and rewritten: skip the .bin/.pth copies many repos ship
+        ignore = [f"*{suffix}" for suffix in _FOREIGN_WEIGHT_SUFFIXES] + ["*.bin.index.json"]
+        return Path(snapshot_download(name_or_path, ignore_patterns=ignore))
     except Exception as exc:
         raise ModelError(
             f"cannot find the checkpoint files of {name_or_path!r} ({exc}); pass a local "

@@ -230,6 +230,11 @@ def test_config_validation_names_the_flag():
         RMUConfig(alpha=[1.0]).validate()
     with pytest.raises(ConfigError, match="--steering_coeffs"):
         RMUConfig(steering_coeffs=[1.0, 2.0, 3.0]).validate()
+    # an empty list (e.g. --layer_ids "") is a one-line ConfigError, not a ValueError traceback
+    with pytest.raises(ConfigError, match="--layer_ids"):
+        RMUConfig(layer_ids=[]).validate()
+    with pytest.raises(ConfigError, match="--param_ids"):
+        RMUConfig(param_ids=[]).validate()
 
 
 def test_layer_and_param_validation(tmp_path, tiny):

@@ -123,6 +123,9 @@ class RMUConfig:
             raise ConfigError("--checkpoint-every must be >= 0")
         if self.corpus_mode not in ("exact", "clean"):
             raise ConfigError("--corpus-mode must be 'exact' or 'clean'")
+        for name, vals in (("--layer_ids", self.layer_ids), ("--param_ids", self.param_ids)):
+            if not vals:
+                raise ConfigError(f"{name} is empty: name at least one (comma-separated)")
         if min(self.layer_ids) < 0 or self.layer_id < 0:
             raise ConfigError("layer indices must be >= 0")
 

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wmdp_fast.cache import capture_layer_inputs  # noqa: E402
-from wmdp_fast.rmu import RMUConfig, _Loader, _Trainer, draw_control_vectors, replay  # noqa: E402
+from wmdp_fast.rmu import (  # noqa: E402
+    PublishedAdamW,
+    RMUConfig,
+    _Loader,
+    _Trainer,
+    draw_control_vectors,
+    replay,
+)
 
 ARCHS = {
     # hidden, intermediate, layers, heads, kv heads
@@ -128,7 +135,7 @@ def published_loop(model, cfg, enc, f_names, r_names, cvs, device, steps):
         for i, p in enumerate(model.model.layers[lid].parameters())
         if i in cfg.param_ids
     ]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-6, weight_decay=0.0)
+    opt = PublishedAdamW(params, lr=cfg.lr)  # the published transformers.AdamW, as the engine
 
     def fwd(m, inputs, no_grad):
         cache = []

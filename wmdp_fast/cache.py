@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from wmdp_fast.atomic import atomic_path, atomic_write_text
 from wmdp_fast.errors import CacheError
 
 log = logging.getLogger("wmdp_fast")
@@ -363,15 +362,9 @@ def save_cache(cache: ActivationCache, cache_dir: str | Path, components: dict) 
             else:
                 kw_meta[k] = {"kind": "value", "value": v}
         entries_meta.append({"kwargs": kw_meta, "int8": e.scale is not None})
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"wmdp_fast_cache": str(CACHE_VERSION)})
-        digest = _sha256_file(Path(tmp))
-        os.replace(tmp, root / _TENSOR_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(root / _TENSOR_FILE, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"wmdp_fast_cache": str(CACHE_VERSION)})
+        digest = _sha256_file(tmp)
     meta = {
         "version": CACHE_VERSION,
         "fingerprint": cache.fingerprint,
@@ -382,10 +375,7 @@ def save_cache(cache: ActivationCache, cache_dir: str | Path, components: dict) 
         "retain_index": cache.retain_index,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(tmp, root / _META_FILE)
+    atomic_write_text(root / _META_FILE, json.dumps(meta, indent=1))
     return root
 
 

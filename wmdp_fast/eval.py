@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from wmdp_fast.atomic import atomic_write_text
 from wmdp_fast.errors import ConfigError, ModelError, WmdpFastError
 from wmdp_fast.prompts import DEFAULT_PROTOCOL, PROTOCOLS
 
@@ -81,15 +80,7 @@ def _atomic_write(path: str, text: str, flag: str) -> None:
     target = Path(path)
     if not target.parent.exists():
         raise ConfigError(f"{flag} {path}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(target, text)
 
 
 def _fmt(x) -> str:

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from wmdp_fast.atomic import atomic_path, atomic_write_text, make_temp_dir
 from wmdp_fast.errors import ConfigError, ResourceError, TrainingError, WmdpFastError
 
 log = logging.getLogger("wmdp_fast")
@@ -392,13 +392,6 @@ def preflight(
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def plot_losses(losses: list[dict], path: Path, title: str = "RMU") -> None:
     """losses.png: total, forget and retain terms per step (log scale)."""
     import matplotlib
@@ -442,11 +435,9 @@ def plot_accuracy(before: dict, after: dict, path: Path) -> None:
     ax.axhline(25, color="grey", linestyle=":", label="chance (4 choices)")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -461,11 +452,9 @@ def _save_checkpoint(ckpt: Path, step: int, trainer: _Trainer, losses, fingerpri
 
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors, meta = trainer.state_tensors()
-    fd, tmp = tempfile.mkstemp(dir=ckpt, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file(tensors, tmp)
-    h = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-    os.replace(tmp, ckpt / "state.safetensors")
+    with atomic_path(ckpt / "state.safetensors", suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
+        h = hashlib.sha256(tmp.read_bytes()).hexdigest()
     state = {
         "steps_done": step,
         "config_fingerprint": fingerprint,
@@ -473,7 +462,7 @@ def _save_checkpoint(ckpt: Path, step: int, trainer: _Trainer, losses, fingerpri
         "sha256": h,
         **meta,
     }
-    _atomic_write_text(ckpt / "state.json", json.dumps(state))
+    atomic_write_text(ckpt / "state.json", json.dumps(state))
     log.info("checkpoint after %d steps written to %s", step, ckpt)
 
 
@@ -986,7 +975,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     # save: the ORIGINAL checkpoint with only the trained tensors replaced
     t0 = time.perf_counter()
     trained = {n: p.detach().to("cpu").clone() for n, p in trainer.named}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_temp_dir(out)
     try:
         save_updated_checkpoint(src_dir, tmp, trained)
         from safetensors.torch import save_file
@@ -1036,7 +1025,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             plot_losses(
                 losses, tmp / "losses.png", title=f"RMU on {Path(cfg.model_name_or_path).name}"
             )
-        _atomic_write_text(tmp / "rmu_report.json", json.dumps(report, indent=1, default=str))
+        atomic_write_text(tmp / "rmu_report.json", json.dumps(report, indent=1, default=str))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1055,7 +1044,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         timings["eval_after_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
-    _atomic_write_text(out / "rmu_report.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / "rmu_report.json", json.dumps(report, indent=1, default=str))
     return RMUResult(output_dir=out, report=report, params=trained, cache=kept)
 
 

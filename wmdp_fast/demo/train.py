@@ -41,13 +41,13 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from wmdp_fast.atomic import make_temp_dir
 from wmdp_fast.demo import DEMO_SUBJECTS, DEMO_TASK_FILES, demo_model_dir, world
 from wmdp_fast.demo.world import LETTERS, mcq_prompt
 from wmdp_fast.errors import ModelError
@@ -176,7 +176,7 @@ def train(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir)
     tok = save_mistral_tokenizer(tmp)
     letters = letter_token_ids(tok)
 
@@ -299,7 +299,6 @@ def train(
         "distinct_tokens": len(used),
     }
     (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

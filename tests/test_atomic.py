@@ -48,3 +48,16 @@ def test_temp_dir_has_umask_permissions(tmp_path, umask_022):
     d = make_temp_dir(tmp_path / "out")
     assert d.parent == tmp_path and d.name.startswith(".out.tmp-")
     assert _mode(d) == 0o755
+
+
+def test_set_new_file_mode_fixes_safetensors_0600(tmp_path, umask_022):
+    import torch
+    from safetensors.torch import save_file
+
+    from wmdp_fast.atomic import set_new_file_mode
+
+    p = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p))
+    os.chmod(p, 0o600)  # what save_file produced here (safetensors 0.8)
+    set_new_file_mode(p)
+    assert _mode(p) == 0o644

@@ -20,6 +20,12 @@ def _umask() -> int:
     return mask
 
 
+def set_new_file_mode(path: str | Path) -> None:
+    """Give `path` the permissions a plain new file gets (0666 minus the umask). For files made
+    by tempfile or by safetensors' save_file, which both create them 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path` to write to; on success it replaces `path`, on an
@@ -29,7 +35,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        set_new_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

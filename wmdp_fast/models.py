@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from wmdp_fast.atomic import set_new_file_mode
 from wmdp_fast.errors import ConfigError, ModelError
 
 log = logging.getLogger("wmdp_fast")
@@ -324,6 +325,7 @@ def save_updated_checkpoint(
                         t = new.to(t.dtype).contiguous()
                     tensors[k] = t
             save_file(tensors, str(out / f.name), metadata=metadata)
+            set_new_file_mode(out / f.name)  # save_file creates it 0600
         elif f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
             _link_or_copy(f, out / f.name)
         elif f.name.endswith(_FOREIGN_WEIGHT_SUFFIXES) or f.name.endswith(".bin.index.json"):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from wmdp_fast.atomic import atomic_path, atomic_write_text, make_temp_dir
+from wmdp_fast.atomic import atomic_path, atomic_write_text, make_temp_dir, set_new_file_mode
 from wmdp_fast.errors import ConfigError, ResourceError, TrainingError, WmdpFastError
 
 log = logging.getLogger("wmdp_fast")
@@ -984,6 +984,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             {"control_vectors": torch.cat([c.reshape(1, -1).float().cpu() for c in cvs])},
             str(tmp / "control_vectors.safetensors"),
         )
+        set_new_file_mode(tmp / "control_vectors.safetensors")
         report = {
             "config": dataclasses.asdict(cfg),
             "output_dir": str(out),

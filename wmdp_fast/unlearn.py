@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("wmdp_fast").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         from wmdp_fast.rmu import plot_accuracy, run_rmu
 
         cfg, demo = config_from_args(args)
@@ -368,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"towns). Output: {cfg.output_dir}/. For a real run pass --model_name_or_path, "
                 "e.g. HuggingFaceH4/zephyr-7b-beta (see --help)."
             )
-        if cfg.load_in_4bit and cfg.load_in_8bit:
-            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
-        result = run_rmu(cfg, progress=not args.quiet)
+        # log lines go through tqdm.write, so they do not break the progress bars
+        with logging_redirect_tqdm():
+            result = run_rmu(cfg, progress=not args.quiet)
         rep = result.report
         print(
             "Updated tensors: "

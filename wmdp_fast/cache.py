@@ -214,12 +214,13 @@ def _check_kwarg(name: str, value):
     )
 
 
-def _store(x, storage: torch.device, pin: bool):
+def store(x, storage: torch.device, pin: bool):
+    """`x` (a tensor, or a tuple of them, or any other value) moved to `storage`, pinned if asked."""
     if isinstance(x, torch.Tensor):
         y = x.to(storage)
         return y.pin_memory() if pin else y
     if isinstance(x, tuple):
-        return tuple(_store(v, storage, pin) for v in x)
+        return tuple(store(v, storage, pin) for v in x)
     return x
 
 
@@ -268,10 +269,10 @@ def capture_layer_inputs(
             packed = pack_activations(hidden.to(device), "int8")
             hidden, scale = packed.data, packed.scale.reshape(*packed.data.shape[:-1], 1)
         return CachedBatch(
-            hidden=_store(hidden, storage, pin),
-            token_mask=_store(e.token_mask, storage, pin),
-            kwargs={k: _store(v, storage, pin) for k, v in e.kwargs.items()},
-            scale=_store(scale, storage, pin) if scale is not None else None,
+            hidden=store(hidden, storage, pin),
+            token_mask=store(e.token_mask, storage, pin),
+            kwargs={k: store(v, storage, pin) for k, v in e.kwargs.items()},
+            scale=store(scale, storage, pin) if scale is not None else None,
         )
 
     out: list[CachedBatch] = []
@@ -417,19 +418,19 @@ def load_cache(
             kwargs = {}
             for k, spec in em["kwargs"].items():
                 if spec["kind"] == "tensor":
-                    kwargs[k] = _store(tensors[f"e{i}.kw.{k}"], storage, pin)
+                    kwargs[k] = store(tensors[f"e{i}.kw.{k}"], storage, pin)
                 elif spec["kind"] == "tuple":
                     kwargs[k] = tuple(
-                        _store(tensors[f"e{i}.kw.{k}.{j}"], storage, pin) for j in range(spec["n"])
+                        store(tensors[f"e{i}.kw.{k}.{j}"], storage, pin) for j in range(spec["n"])
                     )
                 else:
                     kwargs[k] = spec["value"]
             entries.append(
                 CachedBatch(
-                    hidden=_store(tensors[f"e{i}.hidden"], storage, pin),
-                    token_mask=_store(tensors[f"e{i}.token_mask"], storage, pin),
+                    hidden=store(tensors[f"e{i}.hidden"], storage, pin),
+                    token_mask=store(tensors[f"e{i}.token_mask"], storage, pin),
                     kwargs=kwargs,
-                    scale=_store(tensors[f"e{i}.scale"], storage, pin) if em["int8"] else None,
+                    scale=store(tensors[f"e{i}.scale"], storage, pin) if em["int8"] else None,
                 )
             )
     except (KeyError, ValueError, OSError, RuntimeError) as exc:

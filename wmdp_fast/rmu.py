@@ -866,7 +866,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     with torch.no_grad():
         for e in tqdm(need_ids, desc="retain targets", disable=not progress, unit="batch"):
             b = cache.entries[e].to(device, dtype)
-            targets[e] = _store_like(replay(trained_layers, b.hidden, b.kwargs), storage, pin)
+            targets[e] = cache_mod.store(
+                replay(trained_layers, b.hidden, b.kwargs).detach(), storage, pin
+            )
     timings["targets_s"] = time.perf_counter() - t0
 
     if cfg.control_vectors:
@@ -1047,11 +1049,6 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     report["timings"] = timings
     atomic_write_text(out / "rmu_report.json", json.dumps(report, indent=1, default=str))
     return RMUResult(output_dir=out, report=report, params=trained, cache=kept)
-
-
-def _store_like(t: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:
-    t = t.detach().to(storage)
-    return t.pin_memory() if pin else t
 
 
 def _verbose_stats(idx, h_f, h_r, tgt, targets, cache, cfg) -> dict:

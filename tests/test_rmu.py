@@ -331,3 +331,15 @@ def test_memory_preflight_names_the_flag_that_fits():
         preflight(model, rcfg, 5, bf16, 768, 3 * gib, False, need - gib)
     with pytest.raises(ResourceError, match="free GPU memory"):
         preflight(model, rcfg, 5, bf16, 768, 3 * gib, False, gib // 2)
+
+
+def test_resume_fingerprint_follows_control_vector_contents(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cv.safetensors"
+    save_file({"control_vectors": torch.ones(1, 8)}, str(path))
+    cfg = RMUConfig(control_vectors=str(path))
+    before = cfg.training_fingerprint()
+    assert cfg.training_fingerprint() == before
+    save_file({"control_vectors": torch.full((1, 8), 2.0)}, str(path))  # same name, new vectors
+    assert cfg.training_fingerprint() != before

@@ -143,6 +143,10 @@ class RMUConfig:
             "cache_dir",
         }
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if self.control_vectors and Path(self.control_vectors).is_file():
+            # the file's contents, not only its name, determine the training
+            data = Path(self.control_vectors).read_bytes()
+            d["control_vectors_sha256"] = hashlib.sha256(data).hexdigest()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -1045,6 +1049,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             torch.cuda.empty_cache()
         report["eval_after"] = _evaluate_dir(cfg, str(out), device, dtype)
         timings["eval_after_s"] = time.perf_counter() - t0
+        if report["eval_before"] is not None:
+            plot_accuracy(report["eval_before"], report["eval_after"], out / "accuracy.png")
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
     atomic_write_text(out / "rmu_report.json", json.dumps(report, indent=1, default=str))

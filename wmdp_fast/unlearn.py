@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from wmdp_fast.rmu import plot_accuracy, run_rmu
+        from wmdp_fast.rmu import run_rmu
 
         cfg, demo = config_from_args(args)
         if demo:
@@ -389,10 +389,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         if rep.get("eval_before") is not None and rep.get("eval_after") is not None:
             print(_table(rep["eval_before"], rep["eval_after"]))
-            if demo:
-                plot_accuracy(
-                    rep["eval_before"], rep["eval_after"], result.output_dir / "accuracy.png"
-                )
         print(f"Saved the unlearned model, rmu_report.json and losses.png to {result.output_dir}")
         if args.debug:
             print(json.dumps(rep["timings"], indent=1))

@@ -10,7 +10,7 @@ import pytest
 from test_rmu_parity import write_corpora
 
 from wmdp_fast.testing import make_tiny_model
-from wmdp_fast.unlearn import PUBLISHED, build_parser, config_from_args, main
+from wmdp_fast.unlearn import PUBLISHED_FLAGS, build_parser, config_from_args, main
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,23 @@ def test_help_states_published_defaults():
 def test_defaults_are_the_published_zephyr_recipe():
     cfg, demo = config_from_args(build_parser().parse_args(["--model_name_or_path", "m"]))
     assert not demo
-    for k, v in PUBLISHED.items():
+    published = {  # the WMDP authors' Zephyr-7B run (spec/rmu.md), written out here on purpose
+        "layer_id": 7,
+        "layer_ids": [5, 6, 7],
+        "param_ids": [6],
+        "steering_coeffs": [6.5, 6.5],
+        "alpha": [1200.0, 1200.0],
+        "lr": 5e-5,
+        "min_len": 0,
+        "max_len": 2000,
+        "batch_size": 4,
+        "max_num_batches": 150,
+        "forget_corpora": ["bio-forget-corpus", "cyber-forget-corpus"],
+        "retain_corpora": ["wikitext", "wikitext"],
+        "seed": 42,
+    }
+    assert set(published) == set(PUBLISHED_FLAGS)
+    for k, v in published.items():
         assert getattr(cfg, k) == v, k
     assert (cfg.layer_id, cfg.layer_ids, cfg.param_ids) == (7, [5, 6, 7], [6])
     assert cfg.alpha == [1200.0, 1200.0] and cfg.steering_coeffs == [6.5, 6.5]

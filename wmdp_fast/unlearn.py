@@ -15,21 +15,22 @@ import sys
 
 from wmdp_fast.errors import ConfigError, WmdpFastError
 
-PUBLISHED = {
-    "layer_id": 7,
-    "layer_ids": [5, 6, 7],
-    "param_ids": [6],
-    "steering_coeffs": [6.5, 6.5],
-    "alpha": [1200.0, 1200.0],
-    "lr": 5e-5,
-    "min_len": 0,
-    "max_len": 2000,
-    "batch_size": 4,
-    "max_num_batches": 150,
-    "forget_corpora": ["bio-forget-corpus", "cyber-forget-corpus"],
-    "retain_corpora": ["wikitext", "wikitext"],
-    "seed": 42,
-}
+# The published script's flags; their defaults (the published Zephyr-7B run) live in RMUConfig.
+PUBLISHED_FLAGS = (
+    "layer_id",
+    "layer_ids",
+    "param_ids",
+    "steering_coeffs",
+    "alpha",
+    "lr",
+    "min_len",
+    "max_len",
+    "batch_size",
+    "max_num_batches",
+    "forget_corpora",
+    "retain_corpora",
+    "seed",
+)
 DEMO_OUTPUT_DIR = "wmdp_fast_demo"
 
 
@@ -288,7 +289,9 @@ def config_from_args(args: argparse.Namespace):
     from wmdp_fast.rmu import RMUConfig
 
     demo = args.model_name_or_path is None
-    base = dict(PUBLISHED, corpus_mode="exact")
+    published = RMUConfig()
+    base = {k: getattr(published, k) for k in PUBLISHED_FLAGS}
+    base["corpus_mode"] = "exact"
     extra = {}
     if demo:
         from wmdp_fast import demo as demo_pkg

@@ -6,7 +6,8 @@ int8/bf16 cache entry (dequantised here, in registers). One program per position
 
   stage 1  reads the row of `hidden` and `target` once, accumulates sum((h - t)^2) in float32
            into one partial per row, and writes the gradient `2 * scale / count * (h - t)` in
-           hidden's dtype in the same pass (masked-out rows get zeros and are never read);
+           hidden's dtype (float32 for float16 hidden, cast in the backward) in the same pass
+           (masked-out rows get zeros and are never read);
   stage 2  one program sums the row partials in a fixed order and applies scale / count.
 
 No float atomics: the same inputs give bitwise the same loss and gradient on every run. The
@@ -329,7 +330,11 @@ class _Term:
             self.m, self.m_strides = h3, (0, 0)
         self.has_mask = mask is not None
         if write_grad:
-            self.grad = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            # float16 gradients are staged in float32: 2 * scale / count * (h - t) is often
+            # below float16's normal range, and rounding it before the backward multiplies by
+            # grad_output (e.g. a loss scale) would lose most of its bits
+            dt = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+            self.grad = torch.empty(hidden.shape, dtype=dt, device=hidden.device)
         else:
             self.grad = h3  # never written (WRITE_GRAD is off)
 
@@ -398,18 +403,20 @@ def rescale_(grads: list, grad_output: torch.Tensor) -> None:
         )  # fmt: skip
 
 
-def _backward_grads(ctx, grads: list, grad_output: torch.Tensor) -> list:
+def _backward_grads(ctx, grads: list, grad_output: torch.Tensor, dtypes: list) -> list:
     """The forward stored d(loss)/d(hidden) for grad_output == 1. First backward: scale those
     buffers in place (a no-op on the device when grad_output is 1). A later backward through
-    the same graph (retain_graph=True) rescales out of place from the previous grad_output."""
+    the same graph (retain_graph=True) rescales out of place from the previous grad_output.
+    Returns them in `dtypes` (hidden's; a float32-staged float16 gradient is cast here)."""
     if ctx.prev_grad_output is None:
         live = [g for g in grads if g is not None]
         if live:
             rescale_(live, grad_output)
         ctx.prev_grad_output = grad_output.detach()
-        return grads
-    ratio = grad_output / ctx.prev_grad_output
-    return [None if g is None else g * ratio.to(g.dtype) for g in grads]
+    else:
+        ratio = grad_output / ctx.prev_grad_output
+        grads = [None if g is None else g * ratio.to(g.dtype) for g in grads]
+    return [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]
 
 
 class RMUMSEFunction(torch.autograd.Function):
@@ -420,12 +427,12 @@ class RMUMSEFunction(torch.autograd.Function):
         # does not see; saved (not an attribute) so that autograd can hand the buffer to
         # hidden.grad without a copy once the graph is freed
         ctx.save_for_backward(grad)
-        ctx.prev_grad_output = None
+        ctx.prev_grad_output, ctx.dtype = None, hidden.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = _backward_grads(ctx, list(ctx.saved_tensors), grad_output)
+        (grad,) = _backward_grads(ctx, list(ctx.saved_tensors), grad_output, [ctx.dtype])
         return grad, None, None, None, None
 
 
@@ -438,13 +445,14 @@ class RMULossFunction(torch.autograd.Function):
             grad_f if fterm.write_grad else None, grad_r if rterm.write_grad else None
         )
         ctx.prev_grad_output = None
+        ctx.dtypes = [h_forget.dtype, h_retain.dtype]
         total, forget, retain = out[0], out[1], out[2]
         ctx.mark_non_differentiable(forget, retain)
         return total, forget, retain
 
     @staticmethod
     def backward(ctx, grad_total, _grad_forget, _grad_retain):
-        gf, gr = _backward_grads(ctx, list(ctx.saved_tensors), grad_total)
+        gf, gr = _backward_grads(ctx, list(ctx.saved_tensors), grad_total, ctx.dtypes)
         return gf, gr, None, None
 
 

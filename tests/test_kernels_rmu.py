@@ -175,6 +175,25 @@ def test_backward_twice_with_retain_graph(device):
     torch.testing.assert_close(h.grad, want, rtol=1e-5, atol=1e-9)
 
 
+def test_float16_gradient_with_loss_scaling(device):
+    """float16 with a large grad_output (manual loss scaling, the usual float16 recipe): the
+    unscaled gradient 2 / count * (h - t) is float16-subnormal here, so it must not be rounded
+    to float16 before grad_output multiplies it (the reference rounds once, at the end)."""
+    h = _rand(2, 4, 64, device=device) * 1e-3
+    h = h.half()
+    t = torch.zeros(2, 4, 64, dtype=torch.float16, device=device)
+    loss, g, fn = _run(ops.rmu_mse, h, t, grad_output=1024.0)
+    _assert_kernel(fn)
+    want, gw, _ = _run(reference.rmu_mse, h, t, grad_output=1024.0)
+    torch.testing.assert_close(loss, want, **F32)
+    assert g.dtype == torch.float16
+    torch.testing.assert_close(g.float(), gw.float(), **GRAD_TOL[torch.float16])
+    a = h.clone().requires_grad_(True)
+    total = ops.rmu_loss(a, t[0, 0], h, t, 2.0)[0]
+    (g2,) = torch.autograd.grad(total * 1024.0, a)
+    torch.testing.assert_close(g2.float(), gw.float(), **GRAD_TOL[torch.float16])
+
+
 def test_rmu_loss_one_launch_matches_reference(device):
     hf = _rand(2, 7, 64, dtype=torch.bfloat16, device=device)
     hr = _rand(3, 5, 64, dtype=torch.bfloat16, seed=1, device=device)

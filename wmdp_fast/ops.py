@@ -342,7 +342,9 @@ def rmu_mse(
 
     Returns: a float32 scalar tensor, differentiable w.r.t. hidden. Accumulation is float32 and
     the reduction is deterministic (fixed order, no atomics). On CUDA the forward also writes
-    the gradient (in hidden's dtype), so the backward costs nothing unless grad_output != 1.
+    the gradient (in hidden's dtype; float16 is staged in float32 so that a large grad_output,
+    e.g. a loss scale, does not meet a float16-subnormal gradient), so the backward costs
+    nothing unless grad_output != 1 (or hidden is float16: one cast).
     """
     op = "rmu_mse"
     _check_hidden(op, "hidden", hidden)

@@ -209,6 +209,11 @@ def test_rmu_loss_module_matches_published_per_topic():
         torch.testing.assert_close(total, want, **F32)
     with pytest.raises(ConfigError, match="topic"):
         loss_fn(hf, hr, h0, topic=2)
+    # one control vector given as a single tensor [D] or [1, 1, D]: one topic, not D topics
+    for one in (cvs[1].reshape(D), cvs[1]):
+        single = ops.RMULoss(one, 100.0)
+        assert single.control_vecs.shape == (1, 1, 1, D) and single.alphas == [100.0]
+        torch.testing.assert_close(single(hf, hr, h0)[0], loss_fn(hf, hr, h0, topic=1)[0], **F32)
     with pytest.raises(ConfigError, match="alphas"):
         ops.RMULoss(cvs, [1.0])
 

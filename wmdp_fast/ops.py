@@ -481,15 +481,17 @@ class RMULoss(torch.nn.Module):
     `loss = mse(h_forget, control_vecs[k]) + alphas[k] * mse(h_retain, retain_target)`.
 
     Args:
-        control_vecs: K tensors [1, 1, D] or [D] (or one tensor [K, 1, 1, D] / [K, D]); kept
-            as a buffer, so `.to(device)` moves them.
+        control_vecs: K tensors [1, 1, D] or [D] (or one tensor [K, 1, 1, D] / [K, D], or a
+            single vector [D] / [1, 1, D] for K = 1); kept as a buffer, so `.to(device)` moves
+            them.
         alphas: K retain weights (or one float for every topic).
     """
 
     def __init__(self, control_vecs, alphas) -> None:
         super().__init__()
-        if isinstance(control_vecs, torch.Tensor) and control_vecs.dim() in (2, 4):
-            control_vecs = list(control_vecs)
+        if isinstance(control_vecs, torch.Tensor):
+            # [D] is one vector (iterating it would make D one-element "vectors")
+            control_vecs = [control_vecs] if control_vecs.dim() == 1 else list(control_vecs)
         vecs = [torch.as_tensor(c).detach().reshape(-1) for c in control_vecs]
         if not vecs or len({v.numel() for v in vecs}) != 1:
             raise ConfigError("RMULoss: control_vecs must be K >= 1 vectors of the same size D")

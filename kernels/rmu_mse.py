@@ -89,6 +89,8 @@ def _mse_row(
     t_row = t_ptr + b * t_sb + t * t_st
     if TARGET_INT8:
         qscale = tl.load(s_ptr + b * s_sb + t * s_st)
+        if HAS_MASK:  # a masked-out row must not see its scale (a corrupt cache may hold NaN)
+            qscale = tl.where(n_live > 0, qscale, 0.0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)

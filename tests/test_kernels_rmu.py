@@ -194,6 +194,21 @@ def test_float16_gradient_with_loss_scaling(device):
     torch.testing.assert_close(g2.float(), gw.float(), **GRAD_TOL[torch.float16])
 
 
+def test_masked_out_int8_scale_never_leaks(device):
+    """A masked-out position's int8 scale is never used (as in the reference), even if the
+    cache holds NaN there."""
+    h, t = _rand(2, 4, 16, device=device), _rand(2, 4, 16, seed=1, device=device)
+    p = ops.pack_activations(t, "int8")
+    p.scale[1, 3] = float("nan")
+    mask = torch.ones(2, 4, dtype=torch.bool, device=device)
+    mask[1, 3] = False
+    loss, g, fn = _run(ops.rmu_mse, h, p, mask, grad_output=2.0)
+    _assert_kernel(fn)
+    want, gw, _ = _run(reference.rmu_mse, h, p, mask, grad_output=2.0)
+    torch.testing.assert_close(loss, want, **F32)
+    torch.testing.assert_close(g, gw, **F32)
+
+
 def test_rmu_loss_one_launch_matches_reference(device):
     hf = _rand(2, 7, 64, dtype=torch.bfloat16, device=device)
     hr = _rand(3, 5, 64, dtype=torch.bfloat16, seed=1, device=device)

@@ -75,6 +75,21 @@ def test_rmu_mse_other_hidden_ranks_and_scale():
         torch.testing.assert_close(g, gw, **F32)
 
 
+def test_broadcast_target_of_higher_rank_than_hidden():
+    """hidden [T, D] or [D] with the published control vector [1, 1, D]: the same value as
+    [D], and no 'different target size' warning from F.mse_loss (the result is right)."""
+    import warnings
+
+    for shape in [(5, 16), (16,)]:
+        h, cv = _rand(*shape), _rand(1, 1, 16, seed=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, g = _loss_and_grad(ops.rmu_mse, h, cv, grad_output=0.5)
+        want, gw = _loss_and_grad(_published, h, cv.reshape(16), grad_output=0.5)
+        torch.testing.assert_close(loss, want, **F32)
+        torch.testing.assert_close(g, gw, **F32)
+
+
 def test_rmu_mse_bf16_inputs():
     h, t = _rand(2, 9, 128, dtype=torch.bfloat16), _rand(2, 9, 128, dtype=torch.bfloat16, seed=1)
     loss, g = _loss_and_grad(ops.rmu_mse, h, t, grad_output=2.0)

@@ -167,10 +167,9 @@ def rmu_mse(
     """
     if mask is None:  # the published form (with float32 casts)
         t = _float_target(target)
-        return (
-            F.mse_loss(hidden.float(), t.expand(torch.broadcast_shapes(hidden.shape, t.shape)))
-            * scale
-        )
+        if t.shape != hidden.shape:  # [D] or [1, ..., 1, D], possibly of higher rank than hidden
+            t = t.reshape(hidden.shape[-1]).expand_as(hidden)
+        return F.mse_loss(hidden.float(), t) * scale
     diff = hidden.float() - _float_target(target)
     keep = (mask != 0)[..., None]
     diff = torch.where(keep, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))

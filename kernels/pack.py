@@ -26,6 +26,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    # tl.maximum / tl.max drop NaN by default; a NaN must reach the scale (the host raises)
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _pack_int8_kernel(
     x_ptr,
     x_sb,
@@ -46,8 +52,8 @@ def _pack_int8_kernel(
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         x = tl.load(x_row + cols * x_sd, mask=cols < D, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.max(amax, axis=0) / QMAX
+        amax = _max_keep_nan(amax, tl.abs(x))
+    scale = tl.reduce(amax, 0, _max_keep_nan) / QMAX
     tl.store(s_ptr + row, scale)
     safe = tl.where(scale > 0, scale, 1.0)
     for start in range(0, D, BLOCK_D):

@@ -266,6 +266,19 @@ def test_pack_int8_kernel_bits_equal_reference(device):
             assert torch.equal(got, reference.unpack_activations(p, dtype))
 
 
+def test_pack_int8_kernel_refuses_nan(device):
+    """A NaN must reach the scale (as in the reference), so that pack_activations raises the
+    documented DataError: Triton's max drops NaN unless told otherwise, and the NaN was then
+    stored silently as -127."""
+    from wmdp_fast.errors import DataError
+
+    h = _rand(2, 3, 40, device=device)
+    h[1, 2, 5] = float("nan")
+    assert torch.isnan(reference.int8_quantize(h)[1][1, 2])
+    with pytest.raises(DataError, match=r"position \(1, 2\)"):
+        ops.pack_activations(h, "int8")
+
+
 def test_training_step_through_kernels_equals_mse_loss(device, monkeypatch):
     if device == "cuda":
         pytest.skip("the CPU interpreter run covers the arithmetic; see test_gpu_training_step")

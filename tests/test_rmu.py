@@ -343,3 +343,64 @@ def test_resume_fingerprint_follows_control_vector_contents(tmp_path):
     assert cfg.training_fingerprint() == before
     save_file({"control_vectors": torch.full((1, 8), 2.0)}, str(path))  # same name, new vectors
     assert cfg.training_fingerprint() != before
+
+
+def test_resume_refuses_changed_weights_or_data(tmp_path, tiny):
+    """The flags name the model and corpora by path only: a checkpoint is refused when the
+    weights (here: other random weights saved at the same path) or the data changed."""
+    _, corpus = tiny
+    model_dir = make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=0)
+    cfg = tiny_cfg(tmp_path / "run", model_dir, corpus, max_num_batches=4, checkpoint_every=1)
+    with pytest.raises(TrainingError):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=1)
+    cfg.resume = True
+    with pytest.raises(ConfigError, match="other model weights"):
+        run_rmu(cfg, progress=False)
+    make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=0)
+    assert run_rmu(cfg, progress=False).report["resumed_from_step"] == 1
+
+
+def test_cache_miss_tokenizes_each_batch_once(tmp_path, tiny, monkeypatch):
+    """The batches are tokenized once: to size the cache, and the same encodings feed the
+    capture (they were tokenized a second time on a cache miss)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    model_dir, corpus = tiny
+    calls: dict = {}
+    orig = PreTrainedTokenizerBase.__call__
+
+    def counting(self, text=None, *a, **kw):
+        if kw.get("max_length") in (512, 768):  # the RMU batches (not the fingerprint probe)
+            key = (tuple(text), kw["max_length"])
+            calls[key] = calls.get(key, 0) + 1
+        return orig(self, text, *a, **kw)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=3)
+    run_rmu(cfg, progress=False)
+    assert len(calls) == 3 * 2  # a forget and a retain batch per step (distinct texts here)
+    assert all(n == 1 for n in calls.values()), calls
+
+
+def test_auto_dtype_is_the_checkpoints_on_cuda(tmp_path):
+    """dtype 'auto' as the published torch_dtype="auto": the dtype config.json declares on
+    CUDA (bf16 when it declares none), float32 on the CPU; explicit names win."""
+    from wmdp_fast.models import checkpoint_dtype, resolve_dtype
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert checkpoint_dtype(d) is None and resolve_dtype("auto", cuda, d) == torch.bfloat16
+    for key, name, want in [
+        ("dtype", "float32", torch.float32),
+        ("torch_dtype", "float16", torch.float16),
+        ("dtype", "bfloat16", torch.bfloat16),
+    ]:
+        (d / "config.json").write_text(json.dumps({key: name}))
+        assert checkpoint_dtype(d) == want
+        assert resolve_dtype("auto", cuda, d) == want
+        assert resolve_dtype(None, cuda, d) == want
+        assert resolve_dtype("auto", cpu, d) == torch.float32
+        assert resolve_dtype("bf16", cuda, d) == torch.bfloat16
+    assert resolve_dtype("auto", cuda) == torch.bfloat16  # the evaluation engine's default

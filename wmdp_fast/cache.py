@@ -158,6 +158,21 @@ def model_prefix_fingerprint(model, first: int) -> str:
     return h.hexdigest()
 
 
+def layers_fingerprint(model, lo: int, hi: int) -> str:
+    """Hash of the parameters and buffers of decoder layers lo..hi-1."""
+    from wmdp_fast.models import get_decoder_layers
+
+    h = _h()
+    layers = get_decoder_layers(model)
+    for i in range(lo, hi):
+        for name, p in list(layers[i].named_parameters()) + list(layers[i].named_buffers()):
+            if p.device.type == "meta":
+                continue
+            h.update(f"{i}.{name}".encode())
+            h.update(tensor_fingerprint(p).encode())
+    return h.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary, special tokens, padding/truncation sides and a probe encoding."""
     h = _h()
@@ -235,6 +250,7 @@ def capture_layer_inputs(
     fmt: str = "bf16",
     progress: bool = True,
     prefix_layers_on_cpu: bool = False,
+    encodings: Sequence | None = None,
 ) -> list[CachedBatch]:
     """Run the model on every (texts, max_length) batch and capture the inputs of decoder layer
     `layer` (hidden states + keyword arguments), stopping the forward there.
@@ -242,7 +258,9 @@ def capture_layer_inputs(
     With `prefix_layers_on_cpu` (--offload) the capture stops at layer 0, and layers
     0..layer-1 are then streamed through `device` one at a time over all batches.
     Returns one CachedBatch per input batch, stored on `storage` (pinned when CPU and CUDA
-    is in use).
+    is in use). `encodings`, when given, holds each batch already tokenized (the tokenizer's
+    output with return_tensors="pt", padding, truncation at the batch's max_length), so that
+    a caller who tokenized to size the cache does not tokenize twice.
     """
     from tqdm.auto import tqdm
 
@@ -275,19 +293,30 @@ def capture_layer_inputs(
             scale=store(scale, storage, pin) if scale is not None else None,
         )
 
+    if encodings is not None and len(encodings) != len(batches):
+        raise CacheError(f"{len(encodings)} encodings given for {len(batches)} batches")
     out: list[CachedBatch] = []
     handle = layers[stop_at].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for texts, max_length in tqdm(
-            batches, desc=f"caching inputs of layer {layer}", disable=not progress, unit="batch"
+        for i, (texts, max_length) in enumerate(
+            tqdm(
+                batches,
+                desc=f"caching inputs of layer {layer}",
+                disable=not progress,
+                unit="batch",
+            )
         ):
-            enc = tokenizer(
-                list(texts),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-            ).to(device)
+            if encodings is not None:
+                enc = encodings[i]
+            else:
+                enc = tokenizer(
+                    list(texts),
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                )
+            enc = {k: v.to(device) for k, v in enc.items()}
             captured.clear()
             try:
                 model(**enc, use_cache=False)
@@ -301,8 +330,13 @@ def capture_layer_inputs(
             batch = CachedBatch(
                 hidden=captured["hidden"], token_mask=enc["attention_mask"].detach(), kwargs=kw
             )
-            if prefix_layers_on_cpu:  # finished after streaming; the hidden states wait on storage
+            if prefix_layers_on_cpu:
+                # finished after streaming; until then the hidden states AND the layer kwargs
+                # (4D masks, rotary tables: ~0.5 GB over the published 150 batches) wait on
+                # `storage`, so that the GPU holds one layer and one batch at a time
                 batch.hidden = batch.hidden.to(storage)
+                batch.kwargs = {k: store(v, storage, False) for k, v in kw.items()}
+                batch.token_mask = batch.token_mask.to(storage)
                 out.append(batch)
             else:  # stored at once: the whole cache never sits on `device` unless stored there
                 out.append(finish(batch))
@@ -313,7 +347,8 @@ def capture_layer_inputs(
         for li in tqdm(range(layer), desc="streaming prefix layers", disable=not progress):
             layer_mod = layers[li].to(device)
             for e in out:
-                h = layer_mod(e.hidden.to(device), **e.kwargs)
+                kw = {k: store(v, device, False) for k, v in e.kwargs.items()}
+                h = layer_mod(e.hidden.to(device), **kw)
                 e.hidden = (h[0] if isinstance(h, tuple) else h).to(storage)
             layers[li].to("cpu")
         if device.type == "cuda":

@@ -27,15 +27,42 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """'auto'/None -> bf16 on CUDA, float32 elsewhere; names like 'bf16' -> torch dtypes."""
+def resolve_dtype(
+    dtype: str | torch.dtype | None,
+    device: str | torch.device,
+    checkpoint_dir: str | Path | None = None,
+) -> torch.dtype:
+    """Names like 'bf16' -> torch dtypes. 'auto'/None -> float32 off CUDA (bf16 matmuls are slow
+    on CPUs); on CUDA the dtype `checkpoint_dir`'s config.json declares (transformers'
+    `torch_dtype="auto"`, what the published RMU script loads with), else bf16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        declared = checkpoint_dtype(checkpoint_dir) if checkpoint_dir is not None else None
+        return declared or torch.bfloat16
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[dtype]
+
+
+def checkpoint_dtype(checkpoint_dir: str | Path) -> torch.dtype | None:
+    """The floating dtype a checkpoint declares in its config.json (`dtype`, or the older
+    `torch_dtype`): what transformers' `torch_dtype="auto"` loads. None when it names none."""
+    import json
+
+    cfg = Path(checkpoint_dir) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{cfg} is not readable JSON ({exc})") from exc
+    name = d.get("dtype") or d.get("torch_dtype")
+    if isinstance(name, str):
+        name = name.replace("torch.", "")
+    return DTYPES.get(name) if isinstance(name, str) else None
 
 
 def resolve_device(device: str | None) -> torch.device:

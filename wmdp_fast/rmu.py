@@ -451,7 +451,9 @@ def checkpoint_dir_for(output_dir: Path) -> Path:
     return output_dir.parent / f".{output_dir.name}.rmu-checkpoint"
 
 
-def _save_checkpoint(ckpt: Path, step: int, trainer: _Trainer, losses, fingerprint: str) -> None:
+def _save_checkpoint(
+    ckpt: Path, step: int, trainer: _Trainer, losses, fingerprint: str, inputs_fp: str
+) -> None:
     from safetensors.torch import save_file
 
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -462,6 +464,7 @@ def _save_checkpoint(ckpt: Path, step: int, trainer: _Trainer, losses, fingerpri
     state = {
         "steps_done": step,
         "config_fingerprint": fingerprint,
+        "inputs_fingerprint": inputs_fp,
         "losses": losses,
         "sha256": h,
         **meta,
@@ -722,7 +725,6 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     resume_state = _load_checkpoint(ckpt, fingerprint) if cfg.resume else None
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":
         log.warning("4/8-bit prefix on %s: bitsandbytes CPU kernels are slow", device)
 
@@ -740,10 +742,16 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     entries, f_idx, r_idx = plan_batches(forget, retain, num_batches)
     timings["data_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    src_dir = resolve_checkpoint_dir(cfg.model_name_or_path)
+    # 'auto': the checkpoint's own dtype on CUDA, as the published torch_dtype="auto"
+    dtype = resolve_dtype(cfg.dtype, device, src_dir)
+    timings["download_s"] = time.perf_counter() - t0
+
     eval_before = None
     if cfg.eval_tasks:
         t0 = time.perf_counter()
-        eval_before = _evaluate_dir(cfg, cfg.model_name_or_path, device, dtype)
+        eval_before = _evaluate_dir(cfg, str(src_dir), device, dtype)
         timings["eval_before_s"] = time.perf_counter() - t0
     if device.type == "cuda":  # the peak reported is RMU's, not the evaluation's
         torch.cuda.empty_cache()
@@ -751,7 +759,6 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
 
     # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
     t0 = time.perf_counter()
-    src_dir = resolve_checkpoint_dir(cfg.model_name_or_path)
     tok = load_tokenizer(str(src_dir), trust_remote_code=cfg.trust_remote_code, use_fast=False)
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {src_dir} has no EOS token to pad with")
@@ -780,10 +787,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
 
     # cache fingerprint and size
     D = model.config.hidden_size
-    lengths = []
-    for texts, ml in entries:
-        enc = tok(list(texts), padding=True, truncation=True, max_length=ml)
-        lengths.append((len(texts), len(enc["input_ids"][0])))
+    # tokenized once: the shapes size the cache, and a cache miss feeds these to the model
+    encodings = [
+        tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=ml)
+        for texts, ml in entries
+    ]
+    lengths = [tuple(enc["input_ids"].shape) for enc in encodings]
     esize = 1 if cfg.cache_format == "int8" else torch.tensor([], dtype=dtype).element_size()
     cache_bytes = sum(b * t * D * esize for b, t in lengths)
     rset = set(r_idx)
@@ -816,6 +825,24 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         "versions": _versions(),
     }
     cache_fp = cache_mod.combine_fingerprint(components)
+    # what --resume must find unchanged beyond the flags: the weights of every layer up to
+    # layer_id (the flags name the model only by its path), the tokenizer and the data
+    inputs_fp = cache_mod.combine_fingerprint(
+        {
+            "prefix": components["model"],
+            "trained_layers": cache_mod.layers_fingerprint(model, first, cfg.layer_id + 1),
+            "tokenizer": components["tokenizer"],
+            "data": components["data"],
+            "index": components["index"],
+            "dtype": str(dtype),
+        }
+    )
+    if resume_state is not None and resume_state[0].get("inputs_fingerprint") != inputs_fp:
+        raise ConfigError(
+            f"--resume: the checkpoint in {ckpt} was written for other model weights, tokenizer "
+            f"or data than {cfg.model_name_or_path} and the corpora hold now; restore them, or "
+            "rerun without --resume to start over"
+        )
 
     t0 = time.perf_counter()
     pin = storage.type == "cpu" and device.type == "cuda"
@@ -845,7 +872,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             cfg.cache_format,
             progress=progress,
             prefix_layers_on_cpu=cfg.offload,
+            encodings=encodings,
         )
+        del encodings
         cache = cache_mod.ActivationCache(stored, f_idx, r_idx, cache_fp, {"hit": False})
         if cfg.cache_dir:
             cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
@@ -953,12 +982,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 flush()
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < num_batches:
                 flush()
-                _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
+                _save_checkpoint(ckpt, done, trainer, losses, fingerprint, inputs_fp)
             if interrupt["requested"]:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         flush(callbacks=False)
-        _save_checkpoint(ckpt, done, trainer, losses, fingerprint)
+        _save_checkpoint(ckpt, done, trainer, losses, fingerprint, inputs_fp)
         raise TrainingError(
             f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
             f"{rerun} to finish"

@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--dtype",
         default="auto",
-        help="model dtype: auto (bf16 on CUDA, float32 on CPU), bf16, float16, float32",
+        help="model dtype: auto (on CUDA the checkpoint's own dtype, as the published "
+        "torch_dtype='auto'; float32 on CPU), bf16, float16, float32",
     )
     add.add_argument(
         "--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)"

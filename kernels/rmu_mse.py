@@ -11,10 +11,15 @@ int8/bf16 cache entry (dequantised here, in registers). One program per position
   stage 2  one program sums the row partials in a fixed order and applies scale / count.
 
 No float atomics: the same inputs give bitwise the same loss and gradient on every run. The
-backward scales the stored gradient in place by grad_output, in a kernel that exits at once
-when grad_output == 1 (checked on the device: no host sync, no memory traffic). `rmu_loss`
-runs RMU's forget and retain terms in ONE stage-1 launch (programs [0, N_f) take the forget
-rows, the rest the retain rows) and one stage-2 launch.
+FIRST backward through a graph scales the stored gradient in place by grad_output, in a kernel
+that exits at once when grad_output == 1 (checked on the device: no host sync, no memory
+traffic). The stored gradient is then spent: a later backward through the same graph
+(retain_graph=True), and any backward with create_graph=True, recompute the gradient from
+hidden and the target with differentiable torch ops (`reference.rmu_mse_grad`), so that
+neither depends on what an earlier grad_output did to the buffer (a grad_output of 0 used to
+leave 0 / 0 = NaN for the next one) and second-order gradients flow. `rmu_loss` runs RMU's
+forget and retain terms in ONE stage-1 launch (programs [0, N_f) take the forget rows, the
+rest the retain rows) and one stage-2 launch.
 
 Use these through `wmdp_fast.ops` (argument checks live there).
 """
@@ -28,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from wmdp_fast import reference
 from wmdp_fast.reference import PackedActivations
 
 MAX_BLOCK_D = 2048
@@ -293,6 +299,7 @@ class _Term:
     """One MSE term prepared for the kernel: tensors, strides and flags."""
 
     def __init__(self, hidden, target, mask, count, scale, write_grad):
+        self.target, self.mask, self.scale = target, mask, scale  # as given, see _Recompute
         h3 = _as_3d(hidden)
         B, T, D = h3.shape
         self.hidden, self.h3, self.T, self.D = hidden, h3, T, D
@@ -361,7 +368,12 @@ def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> tor
 
 def mse_forward(hidden, target, mask, scale, count, write_grad):
     """Stage 1 + stage 2 for one term: (loss float32 scalar, grad or None)."""
-    term = _Term(hidden, target, mask, count, scale, write_grad)
+    return term_forward(_Term(hidden, target, mask, count, scale, write_grad))
+
+
+def term_forward(term: _Term):
+    """mse_forward for a prepared term."""
+    hidden, write_grad = term.hidden, term.write_grad
     block, num_warps = block_settings(term.D)
     partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
     with _launch_ctx():
@@ -405,37 +417,88 @@ def rescale_(grads: list, grad_output: torch.Tensor) -> None:
         )  # fmt: skip
 
 
-def _backward_grads(ctx, grads: list, grad_output: torch.Tensor, dtypes: list) -> list:
-    """The forward stored d(loss)/d(hidden) for grad_output == 1. First backward: scale those
-    buffers in place (a no-op on the device when grad_output is 1). A later backward through
-    the same graph (retain_graph=True) rescales out of place from the previous grad_output.
-    Returns them in `dtypes` (hidden's; a float32-staged float16 gradient is cast here)."""
-    if ctx.prev_grad_output is None:
-        live = [g for g in grads if g is not None]
-        if live:
-            rescale_(live, grad_output)
-        ctx.prev_grad_output = grad_output.detach()
-    else:
-        ratio = grad_output / ctx.prev_grad_output
-        grads = [None if g is None else g * ratio.to(g.dtype) for g in grads]
-    return [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+class _Recompute:
+    """What a recomputing backward needs besides hidden (saved with save_for_backward): the
+    target, mask and scale of one term, and the version counters of target and mask, so that an
+    in-place change before such a backward is refused, as torch refuses it for saved tensors.
+    Held as a ctx attribute, not saved: a target made under inference_mode (a cache) cannot be
+    saved for backward, and the first backward must not fail for a target that changed after
+    the forward (the stored gradient does not read it)."""
+
+    def __init__(self, op: str, term: _Term):
+        self.op, self.target, self.mask, self.scale = op, term.target, term.mask, term.scale
+        self.versions = []  # inference tensors have no version counter (and are left out)
+        for name, x in (("target", term.target), ("mask", term.mask)):
+            parts = [(name, x)]
+            if isinstance(x, PackedActivations):
+                parts = [(f"{name}.data", x.data), (f"{name}.scale", x.scale)]
+            for n, t in parts:
+                if isinstance(t, torch.Tensor) and not t.is_inference():
+                    self.versions.append((n, t, t._version))
+
+    def grad(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """grad_output * d(loss)/d(hidden) from hidden and the target, with torch ops
+        (differentiable when grad mode is on, i.e. under create_graph=True)."""
+        for name, t, version in self.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"{self.op}: {name} was modified by an inplace operation after the loss "
+                    f"was computed (version {t._version}, expected {version}); a second "
+                    "backward (retain_graph=True) or create_graph=True recomputes the gradient "
+                    "from it. Modify a clone instead."
+                )
+        return reference.rmu_mse_grad(hidden, self.target, self.mask, self.scale, grad_output)
+
+
+def _alias(g: torch.Tensor) -> torch.Tensor:
+    """g's memory as a new tensor with its own version counter: whoever receives the gradient
+    may modify it in place without tripping the version check of the saved buffer (which a
+    later backward unpacks, although it never reads it again)."""
+    out = torch.empty((0,), dtype=g.dtype, device=g.device)
+    return out.set_(g.untyped_storage(), g.storage_offset(), g.shape, g.stride())
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> list:
+    """The gradients w.r.t. the terms' hidden tensors (None where a term needs none).
+
+    The forward stored d(loss)/d(hidden) for grad_output == 1. The first backward without
+    create_graph spends it: scaled in place (a no-op on the device when grad_output is 1) and
+    handed out (float16 cast from its float32 staging). Every later backward through the same
+    graph (retain_graph=True), and any backward with create_graph=True, recomputes it from the
+    saved hidden tensors (`_Recompute.grad`).
+    """
+    saved = ctx.saved_tensors  # torch's "backward through the graph a second time" error
+    n = len(saved) // 2
+    grads, hiddens = saved[:n], saved[n:]
+    if ctx.spent or torch.is_grad_enabled():
+        return [None if h is None else r.grad(h, grad_output) for h, r in zip(hiddens, ctx.rec)]
+    ctx.spent = True
+    live = [g for g in grads if g is not None]
+    if live:
+        rescale_(live, grad_output)
+    return [
+        None if g is None else (_alias(g) if g.dtype == h.dtype else g.to(h.dtype))
+        for g, h in zip(grads, hiddens)
+    ]
 
 
 class RMUMSEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, target, mask, scale, count):
-        loss, grad = mse_forward(hidden, target, mask, scale, count, write_grad=True)
-        # backward scales it in place with a Triton kernel, which autograd's version counter
-        # does not see; saved (not an attribute) so that autograd can hand the buffer to
-        # hidden.grad without a copy once the graph is freed
-        ctx.save_for_backward(grad)
-        ctx.prev_grad_output, ctx.dtype = None, hidden.dtype
+    def forward(ctx, hidden, target, mask, term):
+        loss, grad = term_forward(term)
+        term.grad = None  # the term must not keep the buffer alive
+        # saved (not an attribute) so that autograd can hand the buffer to hidden.grad without a
+        # copy once the graph is freed; the backward scales it in place with a Triton kernel,
+        # which autograd's version counter does not see, and reads it at most once. hidden is
+        # saved (a reference, no copy) for a recomputing backward (see _backward).
+        ctx.save_for_backward(grad, hidden)
+        ctx.rec, ctx.spent = [_Recompute("rmu_mse", term)], False
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = _backward_grads(ctx, list(ctx.saved_tensors), grad_output, [ctx.dtype])
-        return grad, None, None, None, None
+        (grad,) = _backward(ctx, grad_output)
+        return grad, None, None, None
 
 
 class RMULossFunction(torch.autograd.Function):
@@ -443,27 +506,30 @@ class RMULossFunction(torch.autograd.Function):
     def forward(ctx, h_forget, h_retain, fterm, rterm):
         out, grad_f, grad_r = loss_forward(fterm, rterm)
         fterm.grad = rterm.grad = None  # the terms must not keep the buffers alive
+        wf, wr = fterm.write_grad, rterm.write_grad
         ctx.save_for_backward(
-            grad_f if fterm.write_grad else None, grad_r if rterm.write_grad else None
-        )
-        ctx.prev_grad_output = None
-        ctx.dtypes = [h_forget.dtype, h_retain.dtype]
+            grad_f if wf else None, grad_r if wr else None, h_forget if wf else None,
+            h_retain if wr else None,
+        )  # fmt: skip
+        ctx.rec, ctx.spent = [_Recompute("rmu_loss", fterm), _Recompute("rmu_loss", rterm)], False
         total, forget, retain = out[0], out[1], out[2]
         ctx.mark_non_differentiable(forget, retain)
         return total, forget, retain
 
     @staticmethod
     def backward(ctx, grad_total, _grad_forget, _grad_retain):
-        gf, gr = _backward_grads(ctx, list(ctx.saved_tensors), grad_total, ctx.dtypes)
+        gf, gr = _backward(ctx, grad_total)
         return gf, gr, None, None
 
 
 def rmu_mse(hidden, target, mask=None, scale=1.0, count=None) -> torch.Tensor:
     """Triton twin of `ops.rmu_mse` (arguments already checked; `count` = number of true mask
     positions, None without a mask)."""
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return RMUMSEFunction.apply(hidden, target, mask, float(scale), count)
-    loss, _ = mse_forward(hidden, target, mask, float(scale), count, write_grad=False)
+    write_grad = torch.is_grad_enabled() and hidden.requires_grad
+    term = _Term(hidden, target, mask, count, float(scale), write_grad)
+    if write_grad:
+        return RMUMSEFunction.apply(hidden, target, mask, term)
+    loss, _ = term_forward(term)
     return loss
 
 

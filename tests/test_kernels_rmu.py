@@ -175,6 +175,190 @@ def test_backward_twice_with_retain_graph(device):
     torch.testing.assert_close(h.grad, want, rtol=1e-5, atol=1e-9)
 
 
+# --- autograd: retain_graph sequences, create_graph, no_grad / inference_mode -----------------
+
+
+def _grads_in_sequence(fn, hidden, args, grad_outputs, n_hidden=1):
+    """Backward through ONE graph once per grad_output (retain_graph=True): the gradients of
+    fn(*hidden, *args)[0 if a tuple] w.r.t. the hidden tensors, one list per backward."""
+    hs = [h.detach().clone().requires_grad_(True) for h in hidden[:n_hidden]]
+    out = fn(*hs, *args)
+    loss = out[0] if isinstance(out, tuple) else out
+    seq = []
+    for go in grad_outputs:
+        go_t = torch.tensor(go, device=loss.device)
+        seq.append(torch.autograd.grad(loss, hs, go_t, retain_graph=True))
+    return loss.grad_fn, seq
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_retain_graph_any_grad_output_sequence(device, dtype):
+    """Every backward through a retained graph gives grad_output * d(loss)/d(hidden), whatever
+    the earlier ones were: a first grad_output of 0 used to leave NaN (0 / 0) for the next."""
+    seq = [0.0, 1.0, 2.5, -1.5, 0.0, 1.0]
+    if dtype == torch.float16:
+        seq = [0.0, 1024.0, 1.0, -3.0]
+    shape = (2, 3, 24)
+    h = _rand(*shape, dtype=dtype, device=device)
+    if dtype == torch.float16:
+        h = h * 1e-3  # the unscaled gradient is float16-subnormal (see the loss-scaling test)
+    mask = _mask(shape, device)
+    for t, m in [
+        (_target("full", shape, dtype, device), None),
+        (_target("d", shape, dtype, device), mask),
+    ]:
+        fn, got = _grads_in_sequence(ops.rmu_mse, [h], (t, m, 1.7), seq)
+        _assert_kernel(fn)
+        _, want = _grads_in_sequence(reference.rmu_mse, [h], (t, m, 1.7), seq)
+        for go, (g,), (w,) in zip(seq, got, want):
+            assert g.dtype == dtype and torch.isfinite(g).all(), go
+            torch.testing.assert_close(g.float(), w.float(), **GRAD_TOL[dtype], msg=f"go={go}")
+    # both terms of rmu_loss (one saved buffer each), int8 retain target
+    hr = _rand(3, 2, 24, dtype=dtype, seed=5, device=device)
+    args = (hr, _target("int8", (3, 2, 24), dtype, device, seed=6), 40.0)
+    cv = _target("b11d", shape, dtype, device)
+    fn, got = _grads_in_sequence(
+        lambda a, b, *r: ops.rmu_loss(a, cv, b, *r), [h, *args], args[1:], seq, 2
+    )
+    _assert_kernel(fn, "RMULossFunction")
+    _, want = _grads_in_sequence(
+        lambda a, b, *r: reference.rmu_loss(a, cv, b, *r), [h, *args], args[1:], seq, 2
+    )
+    for go, gs, ws in zip(seq, got, want):
+        for g, w in zip(gs, ws):
+            torch.testing.assert_close(g.float(), w.float(), **GRAD_TOL[dtype], msg=f"go={go}")
+
+
+def test_single_backward_hands_out_the_stored_gradient(device):
+    """The common path stays free: the first backward with grad_output == 1 returns the buffer
+    the forward wrote (no copy, no kernel work), also after a create_graph backward."""
+    h = _rand(2, 3, 16, device=device).requires_grad_(True)
+    t = _rand(2, 3, 16, seed=1, device=device)
+    loss = ops.rmu_mse(h, t)
+    buf = loss.grad_fn.saved_tensors[0]
+    (g2,) = torch.autograd.grad(loss, h, create_graph=True)  # recomputed: buffer untouched
+    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
+    assert g1.data_ptr() == buf.data_ptr() and g2.data_ptr() != buf.data_ptr()
+    torch.testing.assert_close(g2.detach(), g1, **F32)
+    want = g1.clone()
+    g1.mul_(-4.0)  # the caller owns the handed-out buffer; a later backward does not read it
+    (g3,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(g3, want, **F32)
+    hf = h.detach().clone().requires_grad_(True)
+    total = ops.rmu_loss(hf, t[0, 0], h, t, 3.0)[0]
+    ptr = total.grad_fn.saved_tensors[0].data_ptr()
+    total.backward()  # no retain_graph: autograd steals the buffer for .grad
+    assert hf.grad.data_ptr() == ptr
+
+
+class _Lin(torch.nn.Module):
+    """hidden = x @ W: a second-order gradient w.r.t. W goes through the op's gradient."""
+
+    def __init__(self, D, device, seed=7):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.nn.Parameter((torch.randn(D, D, generator=g) / D**0.5).to(device))
+
+    def forward(self, x):
+        return x @ self.W
+
+
+def _second_order(loss_fn, x, xr, device):
+    """(loss, penalty grads) of a gradient penalty |d loss / d W|^2 and a Hessian-vector product
+    through hidden, plus the derivative w.r.t. a grad_output that requires grad."""
+    lin = _Lin(x.shape[-1], device)
+    h, hr = lin(x), lin(xr)
+    loss = loss_fn(h, hr)
+    go = torch.tensor(1.7, device=device, requires_grad=True)
+    (gw,) = torch.autograd.grad(loss, lin.W, go, create_graph=True)
+    gh, ghr = torch.autograd.grad(loss, (h, hr), create_graph=True)
+    v = torch.linspace(-1, 1, h.numel(), device=device).view_as(h)
+    penalty = (gw * gw).sum() + (gh * v).sum() + ghr.square().sum()
+    dW, dgo = torch.autograd.grad(penalty, (lin.W, go))
+    return [loss.detach(), gw.detach(), gh.detach(), dW, dgo]
+
+
+def test_create_graph_second_order_matches_reference(device):
+    """create_graph=True builds a graph through the gradient (recomputed with torch ops), so a
+    gradient penalty, a Hessian-vector product and d/d(grad_output) match the reference twin
+    through autograd. rmu_mse and rmu_loss; a mask, a broadcast [D] target, an int8 target."""
+    D = 16
+    x = _rand(2, 3, D, device=device)
+    xr = _rand(3, 2, D, seed=1, device=device)
+    cv = _rand(D, seed=2, device=device)
+    mask = _mask((2, 3, D), device)
+    rmask = _mask((3, 2, D), device, seed=4)
+    h0 = _rand(3, 2, D, seed=3, device=device)
+    p8 = ops.pack_activations(h0, "int8")
+
+    cases = {
+        "mse [D] + mask": lambda m: lambda h, hr: m.rmu_mse(h, cv, mask, 2.5) + m.rmu_mse(hr, h0),
+        "mse int8": lambda m: lambda h, hr: m.rmu_mse(hr, p8, rmask, 3.0) + m.rmu_mse(h, cv),
+        "loss": lambda m: lambda h, hr: m.rmu_loss(h, cv, hr, p8, 50.0, mask, rmask)[0],
+        "loss full": lambda m: lambda h, hr: m.rmu_loss(h, cv[None, None], hr, h0, 7.0)[0],
+    }
+    for name, make in cases.items():
+        got = _second_order(make(ops), x, xr, device)
+        want = _second_order(make(reference), x, xr, device)
+        for i, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=f"{name}, output {i}")
+    # after a create_graph backward, a plain one still gets the stored gradient, unscaled
+    h = x.clone().requires_grad_(True)
+    loss = ops.rmu_mse(h, cv, mask)
+    torch.autograd.grad(loss * 3.0, h, create_graph=True)
+    loss.backward()
+    _, w, _ = _run(reference.rmu_mse, x, cv, mask)
+    torch.testing.assert_close(h.grad, w, **F32)
+
+
+def test_no_grad_inference_mode_and_second_backward(device):
+    """No graph under no_grad / inference_mode or for a hidden without grad (same values);
+    a second backward without retain_graph raises torch's usual error; a target made under
+    inference_mode (e.g. a cache) works in every backward; an in-place change of hidden or the
+    target before a recomputing backward is refused, as torch refuses it for a saved tensor."""
+    h = _rand(2, 3, 16, device=device)
+    t = _rand(2, 3, 16, seed=1, device=device)
+    want = reference.rmu_loss(h, t[0, 0], h, t, 5.0)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            x = h.clone().requires_grad_(True) if ctx is torch.no_grad else h
+            got = ops.rmu_loss(x, t[0, 0], x, t, 5.0)
+            one = ops.rmu_mse(x, t, scale=5.0)
+        assert not got[0].requires_grad and not one.requires_grad
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **F32)
+        torch.testing.assert_close(one, want[2], **F32)
+    assert not ops.rmu_mse(h, t).requires_grad  # hidden does not require grad
+    for make in (lambda x: ops.rmu_mse(x, t), lambda x: ops.rmu_loss(x, t[0, 0], h, t, 2.0)[0]):
+        x = h.clone().requires_grad_(True)
+        loss = make(x)
+        loss.backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+    with torch.inference_mode():
+        t_inf = t.clone()
+        mask_inf = _mask((2, 3, 16), device)
+    x = h.clone().requires_grad_(True)
+    _, got = _grads_in_sequence(ops.rmu_mse, [x], (t_inf, mask_inf), [1.0, 2.0])
+    _, ref = _grads_in_sequence(reference.rmu_mse, [x], (t.clone(), mask_inf.clone()), [1.0, 2.0])
+    for (g,), (w,) in zip(got, ref):
+        torch.testing.assert_close(g, w, **F32)
+    for what in ("hidden", "target"):
+        x, tt = h.clone().requires_grad_(True), t.clone()
+        loss = ops.rmu_mse(x, tt)
+        loss.backward(retain_graph=True)
+        with torch.no_grad():
+            (x if what == "hidden" else tt).mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    y = h.clone().requires_grad_(True) * 1.0
+    loss = ops.rmu_mse(y, t)  # hidden is saved, as by any op that saves its input
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_float16_gradient_with_loss_scaling(device):
     """float16 with a large grad_output (manual loss scaling, the usual float16 recipe): the
     unscaled gradient 2 / count * (h - t) is float16-subnormal here, so it must not be rounded

@@ -318,6 +318,65 @@ def test_argument_errors_name_the_argument():
     assert torch.isnan(ops.rmu_mse(torch.where(hn.isnan(), hn, h), t))
 
 
+def _f64_cases():
+    """(name, target, mask) on hidden [2, 3, 8] float64: broadcast [D] + mask, full, int8."""
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    full = _rand(2, 3, 8, dtype=torch.float64, seed=1)
+    return [
+        ("[D] + mask", _rand(8, dtype=torch.float64, seed=2), mask),
+        ("[1, 1, D]", _rand(1, 1, 8, dtype=torch.float64, seed=2), None),
+        ("full", full, None),
+        ("int8 + mask", reference.pack_activations(full, "int8"), mask),
+    ]
+
+
+def test_reference_gradcheck_and_gradgradcheck_float64():
+    """The reference twins keep float64 (only they accept it), so torch's numerical checks of
+    first and second derivatives apply: the truth the fused ops' autograd is compared with."""
+    h = _rand(2, 3, 8, dtype=torch.float64).requires_grad_(True)
+    hr = _rand(3, 2, 8, dtype=torch.float64, seed=3).requires_grad_(True)
+    t_r = _rand(3, 2, 8, dtype=torch.float64, seed=4)
+    for name, t, m in _f64_cases():
+        assert reference.rmu_mse(h, t, m).dtype == torch.float64, name
+        fn = lambda x, t=t, m=m: reference.rmu_mse(x, t, m, 2.5)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (h,)), name
+        assert torch.autograd.gradgradcheck(fn, (h,)), name
+        loss = lambda a, b, t=t, m=m: reference.rmu_loss(a, t, b, t_r, 7.0, m)[0]  # noqa: E731
+        assert torch.autograd.gradgradcheck(loss, (h, hr)), name
+
+
+def test_rmu_mse_grad_is_the_reference_gradient():
+    """reference.rmu_mse_grad (what the fused ops' backward recomputes with for retain_graph and
+    create_graph) equals autograd through reference.rmu_mse, and is itself correctly
+    differentiable w.r.t. hidden and grad_output (gradcheck in float64)."""
+    tol = {
+        torch.float64: {"rtol": 1e-12, "atol": 1e-15},
+        torch.float32: {"rtol": 1e-6, "atol": 1e-9},
+        torch.bfloat16: {"rtol": 2**-7, "atol": 0.0},  # one rounding each: at most 1 ulp apart
+        torch.float16: {"rtol": 2**-10, "atol": 1e-7},
+    }
+    for name, t64, m in _f64_cases():
+        for dtype, gos in [
+            (torch.float64, [0.0, 2.5]),
+            (torch.float32, [1.0, -1.5]),
+            (torch.bfloat16, [0.3]),
+            (torch.float16, [1024.0, 0.0]),
+        ]:
+            h = _rand(2, 3, 8, dtype=dtype) * (1e-3 if dtype == torch.float16 else 1.0)
+            t = t64 if isinstance(t64, reference.PackedActivations) else t64.to(dtype)
+            for go in gos:
+                go_t = torch.tensor(go, dtype=torch.promote_types(dtype, torch.float32))
+                got = reference.rmu_mse_grad(h, t, m, 1.7, go_t)
+                x = h.clone().requires_grad_(True)
+                (want,) = torch.autograd.grad(reference.rmu_mse(x, t, m, 1.7), x, go_t)
+                assert got.dtype == dtype
+                torch.testing.assert_close(got, want, **tol[dtype], msg=f"{name} {dtype} {go}")
+        h = _rand(2, 3, 8, dtype=torch.float64).requires_grad_(True)
+        go = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        fn = lambda x, g, t=t64, m=m: reference.rmu_mse_grad(x, t, m, 1.7, g)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (h, go)), name
+
+
 def test_reference_twin_is_what_ops_calls_on_cpu():
     h, t = _rand(2, 5, 16), _rand(2, 5, 16, seed=1)
     assert torch.equal(ops.rmu_mse(h, t, scale=2.0), reference.rmu_mse(h, t, None, 2.0))

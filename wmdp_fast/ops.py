@@ -344,7 +344,12 @@ def rmu_mse(
     the reduction is deterministic (fixed order, no atomics). On CUDA the forward also writes
     the gradient (in hidden's dtype; float16 is staged in float32 so that a large grad_output,
     e.g. a loss scale, does not meet a float16-subnormal gradient), so the backward costs
-    nothing unless grad_output != 1 (or hidden is float16: one cast).
+    nothing unless grad_output != 1 (or hidden is float16: one cast). That stored gradient
+    serves the first backward; a later backward through the same graph (retain_graph=True) and
+    any backward with create_graph=True recompute it from hidden and target with torch ops
+    (`reference.rmu_mse_grad`; differentiable, so second-order gradients work). For that the
+    op keeps references (no copies) to hidden until the graph is freed, and to target and mask
+    while the loss's graph exists.
     """
     op = "rmu_mse"
     _check_hidden(op, "hidden", hidden)
@@ -386,6 +391,7 @@ def rmu_loss(
     Returns: (total, forget_term, retain_term), float32 scalars; `total` is differentiable
     w.r.t. both hidden tensors, the two terms are detached (for logging). retain_term already
     includes alpha. On CUDA both terms run in one kernel launch (plus a tiny reduction).
+    Autograd (retain_graph, create_graph) as in `rmu_mse`.
     """
     op = "rmu_loss"
     _check_hidden(op, "h_forget", h_forget)

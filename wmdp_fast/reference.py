@@ -146,10 +146,16 @@ def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = No
     return (packed.data.float() * packed.scale[..., None]).to(dtype)
 
 
-def _float_target(target: torch.Tensor | PackedActivations) -> torch.Tensor:
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """float32 for the ops' dtypes; float64 stays float64 (only the reference accepts it: it
+    lets torch.autograd.gradcheck / gradgradcheck check these functions)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _float_target(target: torch.Tensor | PackedActivations, dtype=torch.float32) -> torch.Tensor:
     if isinstance(target, PackedActivations):
-        return unpack_activations(target, torch.float32)
-    return target.float()
+        return unpack_activations(target, torch.float32).to(dtype)
+    return target.to(dtype)
 
 
 def rmu_mse(
@@ -163,14 +169,16 @@ def rmu_mse(
     hidden [..., D]; target [D], [1, ..., 1, D] (broadcast) or hidden's shape, or a
     PackedActivations; mask hidden.shape[:-1] (bool or 0/1): only true positions count, in the
     sum and in the count. Masked-out positions never touch the result or the gradient (even if
-    they hold NaN). Returns a float32 scalar, differentiable w.r.t. hidden.
+    they hold NaN). Returns a float32 scalar (float64 for float64 hidden, which only the
+    reference accepts), differentiable w.r.t. hidden, also twice.
     """
+    acc = _acc_dtype(hidden)
     if mask is None:  # the published form (with float32 casts)
-        t = _float_target(target)
+        t = _float_target(target, acc)
         if t.shape != hidden.shape:  # [D] or [1, ..., 1, D], possibly of higher rank than hidden
             t = t.reshape(hidden.shape[-1]).expand_as(hidden)
-        return F.mse_loss(hidden.float(), t) * scale
-    diff = hidden.float() - _float_target(target)
+        return F.mse_loss(hidden.to(acc), t) * scale
+    diff = hidden.to(acc) - _float_target(target, acc)
     keep = (mask != 0)[..., None]
     diff = torch.where(keep, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     count = keep.sum() * hidden.shape[-1]
@@ -191,3 +199,34 @@ def rmu_loss(
     forget = rmu_mse(h_forget, control_vec, forget_mask)
     retain = rmu_mse(h_retain, retain_target, retain_mask, scale=alpha)
     return forget + retain, forget.detach(), retain.detach()
+
+
+def rmu_mse_grad(
+    hidden: torch.Tensor,
+    target: torch.Tensor | PackedActivations,
+    mask: torch.Tensor | None,
+    scale: float,
+    grad_output: torch.Tensor,
+) -> torch.Tensor:
+    """d(rmu_mse)/d(hidden) times grad_output, written with differentiable torch ops:
+    `grad_output * 2 * scale / count * (hidden - target)` at the positions that count, 0
+    elsewhere (count = number of counted positions times D). Computed in float32 (float64 for
+    float64 hidden) and returned in hidden's dtype, rounded once.
+
+    The fused ops' backward uses it when the gradient stored by the forward cannot serve: a
+    second backward through a retained graph, or create_graph=True (the result is then
+    differentiable w.r.t. hidden and grad_output, so second-order gradients flow).
+    """
+    acc = _acc_dtype(hidden)
+    t = _float_target(target, acc)
+    if t.shape != hidden.shape:  # [D] or [1, ..., 1, D]
+        t = t.reshape(hidden.shape[-1])
+    diff = hidden.to(acc) - t
+    if mask is None:
+        count = hidden.numel()
+    else:
+        keep = (mask != 0)[..., None]
+        diff = torch.where(keep, diff, torch.zeros((), dtype=acc, device=diff.device))
+        count = keep.sum() * hidden.shape[-1]
+    coeff = grad_output.to(acc) * (2.0 * scale) / count
+    return (diff * coeff).to(hidden.dtype)

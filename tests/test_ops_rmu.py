@@ -377,6 +377,24 @@ def test_rmu_mse_grad_is_the_reference_gradient():
         assert torch.autograd.gradcheck(fn, (h, go)), name
 
 
+def test_inference_mode_target_trains():
+    """A target made under torch.inference_mode (a cache) works in training on the reference
+    backend too: F.mse_loss saves its target, which torch refuses for an inference tensor."""
+    h0 = _rand(2, 3, 8, seed=1)
+    with torch.inference_mode():
+        t_inf, cv_inf = h0.clone(), h0[0, 0].clone()
+    for args in ((t_inf,), (cv_inf,), (t_inf, torch.ones(2, 3, dtype=torch.bool))):
+        plain = tuple(a.clone() for a in args)
+        _, g = _loss_and_grad(ops.rmu_mse, _rand(2, 3, 8), *args, grad_output=2.0)
+        _, want = _loss_and_grad(ops.rmu_mse, _rand(2, 3, 8), *plain, grad_output=2.0)
+        torch.testing.assert_close(g, want, **F32)
+    h = _rand(2, 3, 8).requires_grad_(True)
+    ops.rmu_loss(h, cv_inf, h, t_inf, 3.0)[0].backward()
+    x = _rand(2, 3, 8).requires_grad_(True)
+    ops.rmu_loss(x, cv_inf.clone(), x, t_inf.clone(), 3.0)[0].backward()
+    torch.testing.assert_close(h.grad, x.grad, **F32)
+
+
 def test_reference_twin_is_what_ops_calls_on_cpu():
     h, t = _rand(2, 5, 16), _rand(2, 5, 16, seed=1)
     assert torch.equal(ops.rmu_mse(h, t, scale=2.0), reference.rmu_mse(h, t, None, 2.0))

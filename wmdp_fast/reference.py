@@ -155,7 +155,12 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
 def _float_target(target: torch.Tensor | PackedActivations, dtype=torch.float32) -> torch.Tensor:
     if isinstance(target, PackedActivations):
         return unpack_activations(target, torch.float32).to(dtype)
-    return target.to(dtype)
+    t = target.to(dtype)
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        # a target made under inference_mode (e.g. a cache): F.mse_loss saves its target for
+        # backward, which torch refuses for an inference tensor; a normal copy is allowed
+        t = t.clone()
+    return t
 
 
 def rmu_mse(

@@ -63,6 +63,11 @@ if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   want bench-eval-nf4 && step bench-eval-nf4 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --load-in-4bit --json "$OUT/bench_eval_nf4.json"
 fi
 want bench-rmu-mse-cv && step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_mse_table.py --device cuda --target cv --shapes "4,768,4096"
+if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
+  # end to end at the published 150 steps (writes a random Zephyr-7B to local disk: minutes;
+  # usually cut by the budget in a full run: run it alone with GPU_CHECK_STEPS=bench-rmu-e2e)
+  want bench-rmu-e2e && step bench-rmu-e2e 400 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b --end-to-end --steps 150 --no-4bit --workdir "${TMPDIR:-/tmp}"
+fi
 
 echo
 echo "## gpu_check $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"

@@ -404,3 +404,138 @@ def test_auto_dtype_is_the_checkpoints_on_cuda(tmp_path):
         assert resolve_dtype("auto", cpu, d) == torch.float32
         assert resolve_dtype("bf16", cuda, d) == torch.bfloat16
     assert resolve_dtype("auto", cuda) == torch.bfloat16  # the evaluation engine's default
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(param_ids=["mlp.down_proj.weights"]), "--param_ids"),
+        (dict(layer_id=7, layer_ids=[6, 7]), "layer"),
+        (dict(control_vectors="WRONG_SHAPE"), "control"),
+    ],
+    ids=["param_ids", "layer_ids", "control_vectors"],
+)
+def test_bad_flags_fail_before_any_weights_are_read(tmp_path, tiny, monkeypatch, bad, match):
+    """--param_ids, --layer_id(s) and --control-vectors are checked on a skeleton of the model
+    before the weights are read (and before --eval, the cache, the retain targets)."""
+    from safetensors.torch import save_file
+
+    import wmdp_fast.models
+
+    model_dir, corpus = tiny
+    if bad.get("control_vectors") == "WRONG_SHAPE":
+        save_file({"control_vectors": torch.ones(1, 7)}, str(tmp_path / "cv.safetensors"))
+        bad = dict(control_vectors=str(tmp_path / "cv.safetensors"))
+
+    def no_weights(*a, **kw):
+        raise AssertionError("the weights were read before the flags were checked")
+
+    monkeypatch.setattr(wmdp_fast.models, "load_model", no_weights)
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2, eval_tasks=["wmdp"], **bad)
+    with pytest.raises(ConfigError, match=match):
+        run_rmu(cfg, progress=False)
+
+
+def test_eval_reports_protocol_and_follows_quantization(tmp_path, tiny, monkeypatch):
+    """--eval scores with the chosen protocol, records protocol/dtype/quantization, and loads
+    the scored model with the run's 4/8-bit setting (the full model may not fit)."""
+    import wmdp_fast.models
+
+    model_dir, corpus = tiny
+    seen = []
+    orig = wmdp_fast.models.load_model
+
+    def spy(*a, **kw):
+        seen.append({k: kw.get(k) for k in ("load_in_4bit", "load_in_8bit", "device")})
+        return orig(*a, **{**kw, "load_in_8bit": False})  # 8-bit CPU matmuls: slow, not needed
+
+    monkeypatch.setattr(wmdp_fast.models, "load_model", spy)
+    cfg = tiny_cfg(
+        tmp_path,
+        model_dir,
+        corpus,
+        max_num_batches=2,
+        eval_tasks=["demo_forget"],
+        eval_limit=4,
+        eval_protocol="lm-eval-0.4.2",
+        load_in_8bit=True,
+    )
+    rep = run_rmu(cfg, progress=False).report
+    evals = [s for s in seen if s["device"] != "cpu"]  # the RMU load itself goes to the CPU
+    assert len(evals) == 2 and all(s["load_in_8bit"] for s in evals), seen
+    assert rep["eval"]["protocol"] == "lm-eval-0.4.2"
+    assert rep["eval"]["quantization"] == "int8"
+    assert rep["eval_before"]["demo_forget"]["n"] == 4
+    assert "_meta" not in rep["eval_after"]
+
+
+def test_second_ctrl_c_while_checkpointing_waits_for_it(tmp_path, tiny, monkeypatch):
+    """A second Ctrl-C that arrives while the interruption checkpoint is being written does not
+    abort the write (it raised an internal exception and left a traceback)."""
+    import os
+    import signal
+
+    import wmdp_fast.rmu as rmu
+
+    model_dir, corpus = tiny
+    orig = rmu._save_checkpoint
+
+    def save_with_second_ctrl_c(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes, inside the save
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(rmu, "_save_checkpoint", save_with_second_ctrl_c)
+
+    def first_ctrl_c(step, row):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4)
+    with pytest.raises(TrainingError, match="interrupted after 1 of"):
+        run_rmu(cfg, progress=False, step_callback=first_ctrl_c)
+    monkeypatch.setattr(rmu, "_save_checkpoint", orig)
+    cfg.resume = True
+    assert run_rmu(cfg, progress=False).report["resumed_from_step"] == 1
+
+
+def test_checkpoint_survives_a_kill_between_its_two_files(tmp_path, tiny, monkeypatch):
+    """The tensors are written under a new name, then state.json is replaced: a kill between
+    the two leaves the previous checkpoint whole (a fixed tensor file name made it a
+    checksum mismatch, and all progress was lost)."""
+    import wmdp_fast.rmu as rmu
+
+    model_dir, corpus = tiny
+    full = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, max_num_batches=4), progress=False)
+    cfg = tiny_cfg(tmp_path / "b", model_dir, corpus, max_num_batches=4, checkpoint_every=1)
+    writes = {"n": 0}
+    orig = rmu.atomic_write_text
+
+    def killed_on_second_state_json(path, text):
+        if Path(path).name == "state.json":
+            writes["n"] += 1
+            if writes["n"] == 2:
+                raise RuntimeError("killed")
+        return orig(path, text)
+
+    monkeypatch.setattr(rmu, "atomic_write_text", killed_on_second_state_json)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_rmu(cfg, progress=False)
+    monkeypatch.setattr(rmu, "atomic_write_text", orig)
+    ckpt = Path(cfg.output_dir).parent / ".out.rmu-checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["steps_done"] == 1
+    cfg.resume = True
+    resumed = run_rmu(cfg, progress=False)
+    assert resumed.report["resumed_from_step"] == 1
+    for name, t in full.params.items():
+        assert torch.equal(resumed.params[name], t), name
+
+
+def test_unwritable_cache_dir_warns_and_trains_on(tmp_path, tiny, caplog):
+    model_dir, corpus = tiny
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should go")
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2, cache_dir=str(blocker))
+    with caplog.at_level("WARNING", logger="wmdp_fast"):
+        res = run_rmu(cfg, progress=False)
+    assert len(res.report["losses"]) == 2 and res.report["cache"]["path"] is None
+    assert "could not write the activation cache" in caplog.text

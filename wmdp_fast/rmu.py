@@ -35,7 +35,13 @@ from pathlib import Path
 import torch
 
 from wmdp_fast.atomic import atomic_path, atomic_write_text, make_temp_dir, set_new_file_mode
-from wmdp_fast.errors import ConfigError, ResourceError, TrainingError, WmdpFastError
+from wmdp_fast.errors import (
+    ConfigError,
+    ModelError,
+    ResourceError,
+    TrainingError,
+    WmdpFastError,
+)
 
 log = logging.getLogger("wmdp_fast")
 
@@ -83,6 +89,7 @@ class RMUConfig:
     eval_tasks: list[str] = field(default_factory=list)
     eval_data_dir: str | None = None
     eval_limit: int | None = None
+    eval_protocol: str = "lm-eval-current"
     checkpoint_every: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -123,6 +130,8 @@ class RMUConfig:
             raise ConfigError("--checkpoint-every must be >= 0")
         if self.corpus_mode not in ("exact", "clean"):
             raise ConfigError("--corpus-mode must be 'exact' or 'clean'")
+        if self.eval_protocol not in ("lm-eval-current", "lm-eval-0.4.2"):
+            raise ConfigError("--eval-protocol must be 'lm-eval-current' or 'lm-eval-0.4.2'")
         for name, vals in (("--layer_ids", self.layer_ids), ("--param_ids", self.param_ids)):
             if not vals:
                 raise ConfigError(f"{name} is empty: name at least one (comma-separated)")
@@ -137,6 +146,7 @@ class RMUConfig:
             "eval_tasks",
             "eval_data_dir",
             "eval_limit",
+            "eval_protocol",
             "checkpoint_every",
             "resume",
             "overwrite",
@@ -238,8 +248,9 @@ def replay(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return hidden
 
 
-class _Abort(Exception):
-    """A second Ctrl-C: stop now, without a checkpoint."""
+class _Abort(TrainingError):
+    """A second Ctrl-C: stop now, without a checkpoint. A TrainingError, so that even where
+    it escapes the handler that rewords it, the CLI reports it in one line."""
 
 
 class _Loader:
@@ -454,39 +465,55 @@ def checkpoint_dir_for(output_dir: Path) -> Path:
 def _save_checkpoint(
     ckpt: Path, step: int, trainer: _Trainer, losses, fingerprint: str, inputs_fp: str
 ) -> None:
+    """Write the training state after `step` steps. The tensors go to a new file named by the
+    step, then state.json (which names that file) is replaced, then older tensor files go: a
+    kill at any point leaves a consistent pair (the previous one or the new one)."""
     from safetensors.torch import save_file
 
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors, meta = trainer.state_tensors()
-    with atomic_path(ckpt / "state.safetensors", suffix=".safetensors") as tmp:
+    name = f"state-{step}.safetensors"
+    with atomic_path(ckpt / name, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp))
         h = hashlib.sha256(tmp.read_bytes()).hexdigest()
     state = {
         "steps_done": step,
         "config_fingerprint": fingerprint,
         "inputs_fingerprint": inputs_fp,
+        "tensors": name,
         "losses": losses,
         "sha256": h,
         **meta,
     }
     atomic_write_text(ckpt / "state.json", json.dumps(state))
+    for old in ckpt.glob("state*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
     log.info("checkpoint after %d steps written to %s", step, ckpt)
 
 
 def _load_checkpoint(ckpt: Path, fingerprint: str):
     from safetensors.torch import load_file
 
-    sj, st = ckpt / "state.json", ckpt / "state.safetensors"
-    if not sj.is_file() or not st.is_file():
+    sj = ckpt / "state.json"
+    if not sj.is_file():
         raise ConfigError(f"--resume: no checkpoint in {ckpt}; run without --resume")
-    state = json.loads(sj.read_text())
+    try:
+        state = json.loads(sj.read_text())
+        st = ckpt / state.get("tensors", "state.safetensors")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise TrainingError(
+            f"--resume: {sj} is corrupted ({exc}); delete {ckpt} and rerun without --resume"
+        ) from exc
     if state.get("config_fingerprint") != fingerprint:
         raise ConfigError(
             f"--resume: the checkpoint in {ckpt} was written with other settings; rerun with "
             "the same flags, or without --resume to start over"
         )
-    if hashlib.sha256(st.read_bytes()).hexdigest() != state.get("sha256"):
-        raise TrainingError(f"--resume: {st} is corrupted (checksum); delete {ckpt} and rerun")
+    if not st.is_file() or hashlib.sha256(st.read_bytes()).hexdigest() != state.get("sha256"):
+        raise TrainingError(
+            f"--resume: {st} is missing or corrupted (checksum); delete {ckpt} and rerun"
+        )
     return state, load_file(str(st))
 
 
@@ -644,27 +671,71 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def _evaluate_dir(cfg: RMUConfig, model_dir: str, device, dtype) -> dict:
+def meta_model(checkpoint_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model built from its config on the meta device: names, shapes and dtypes of every
+    parameter, no memory and no weights read (for checks and the memory preflight)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model config in {checkpoint_dir}: {exc}") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+
+
+def _evaluate_dir(
+    cfg: RMUConfig, model_dir: str, device, dtype, progress: bool = True
+) -> tuple[dict, dict]:
+    """Score `model_dir` on cfg.eval_tasks with the evaluation engine. With --load-in-4bit/8bit
+    the scored model is quantized the same way (the full model would not fit where the run
+    does). Returns ({task: {acc, acc_stderr, n}}, {protocol, dtype, quantization, versions})."""
     from wmdp_fast.evaluate import evaluate
     from wmdp_fast.models import load_model, load_tokenizer
 
-    model = load_model(
-        model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code
-    )
-    tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    res = evaluate(
-        model,
-        tok,
-        list(cfg.eval_tasks),
-        data_dir=cfg.eval_data_dir,
-        limit=cfg.eval_limit,
-        model_name=model_dir,
-    )
-    del model
-    out = {}
+    try:
+        model = load_model(
+            model_dir,
+            dtype=dtype,
+            device=device,
+            load_in_4bit=cfg.load_in_4bit,
+            load_in_8bit=cfg.load_in_8bit,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+        res = evaluate(
+            model,
+            tok,
+            list(cfg.eval_tasks),
+            protocol=cfg.eval_protocol,
+            data_dir=cfg.eval_data_dir,
+            limit=cfg.eval_limit,
+            model_name=model_dir,
+            progress=progress,
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ResourceError(
+            f"--eval ran out of GPU memory scoring {model_dir} ({str(exc).splitlines()[0]}): "
+            "the evaluation loads the whole model. Add --load-in-4bit, or drop --eval and score "
+            "the saved model afterwards with python -m wmdp_fast.eval"
+        ) from exc
+    finally:
+        model = None
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    out: dict = {}
     for name, r in {**res.get("results", {}), **res.get("groups", {})}.items():
         out[name] = {k: r.get(k) for k in ("acc", "acc_stderr", "n")}
-    return out
+    quant = "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else "none")
+    meta = {
+        "protocol": res.get("protocol"),
+        "dtype": res.get("dtype"),
+        "quantization": quant,
+        "versions": res.get("versions"),
+    }
+    return out, meta
 
 
 def run_rmu(
@@ -702,6 +773,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         resolve_device,
         resolve_dtype,
         save_updated_checkpoint,
+        select_params,
         validate_layers,
     )
 
@@ -748,16 +820,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     dtype = resolve_dtype(cfg.dtype, device, src_dir)
     timings["download_s"] = time.perf_counter() - t0
 
-    eval_before = None
-    if cfg.eval_tasks:
-        t0 = time.perf_counter()
-        eval_before = _evaluate_dir(cfg, str(src_dir), device, dtype)
-        timings["eval_before_s"] = time.perf_counter() - t0
-    if device.type == "cuda":  # the peak reported is RMU's, not the evaluation's
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
+    # Everything that can be checked without the weights is checked before any are read, on a
+    # skeleton of the model (meta tensors, no memory): layers, parameters, control vectors,
+    # attention types and the GPU memory preflight. Then --eval, then the real load.
     t0 = time.perf_counter()
     tok = load_tokenizer(str(src_dir), trust_remote_code=cfg.trust_remote_code, use_fast=False)
     if tok.eos_token_id is None:
@@ -765,13 +830,14 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
     tok.truncation_side = "right"
-    model = load_model(
-        str(src_dir), dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
-    )
-    validate_layers(model, cfg.layer_id, cfg.layer_ids)
-    layers = get_decoder_layers(model)
+    skeleton = meta_model(str(src_dir), dtype, trust_remote_code=cfg.trust_remote_code)
+    validate_layers(skeleton, cfg.layer_id, cfg.layer_ids)
     first = min(cfg.layer_ids)
-    layer_types = getattr(model.config, "layer_types", None)
+    select_params(skeleton, cfg.layer_ids, cfg.param_ids)  # a bad --param_ids fails here
+    D = skeleton.config.hidden_size
+    if cfg.control_vectors:  # shape checked now; moved to the device later
+        load_control_vectors(cfg.control_vectors, len(cfg.forget_corpora), D, "cpu", dtype)
+    layer_types = getattr(skeleton.config, "layer_types", None)
     lo = 0 if cfg.offload else first
     if layer_types and len(set(layer_types[lo : cfg.layer_id + 1])) > 1:
         # one captured attention mask serves every replayed layer; Gemma-2-style models
@@ -783,11 +849,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             + (" (or drop --offload)" if cfg.offload else "")
         )
     quant = "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else "none")
-    timings["load_s"] = time.perf_counter() - t0
 
-    # cache fingerprint and size
-    D = model.config.hidden_size
-    # tokenized once: the shapes size the cache, and a cache miss feeds these to the model
+    # cache size; tokenized once: the shapes size the cache, and a cache miss feeds these
+    # encodings to the model
     encodings = [
         tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=ml)
         for texts, ml in entries
@@ -795,9 +859,10 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     lengths = [tuple(enc["input_ids"].shape) for enc in encodings]
     esize = 1 if cfg.cache_format == "int8" else torch.tensor([], dtype=dtype).element_size()
     cache_bytes = sum(b * t * D * esize for b, t in lengths)
-    rset = set(r_idx)
+    # retain targets, and with --verbose the frozen forget outputs too, are kept alongside
+    tset = set(r_idx) | (set(f_idx) if cfg.verbose else set())
     tsize = torch.tensor([], dtype=dtype).element_size()
-    cache_bytes += sum(b * t * D * tsize for e, (b, t) in enumerate(lengths) if e in rset)
+    cache_bytes += sum(b * t * D * tsize for e, (b, t) in enumerate(lengths) if e in tset)
     max_tokens = max(t for _, t in lengths)
     if cfg.cache_device == "auto":
         storage = (
@@ -809,8 +874,35 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         memory = preflight(
-            model, cfg, first, dtype, max_tokens, cache_bytes, storage.type == "cuda", free, device
+            skeleton,
+            cfg,
+            first,
+            dtype,
+            max_tokens,
+            cache_bytes,
+            storage.type == "cuda",
+            free,
+            device,
         )
+    del skeleton
+    timings["checks_s"] = time.perf_counter() - t0
+
+    eval_before = eval_meta = None
+    if cfg.eval_tasks:
+        t0 = time.perf_counter()
+        eval_before, eval_meta = _evaluate_dir(cfg, str(src_dir), device, dtype, progress)
+        timings["eval_before_s"] = time.perf_counter() - t0
+    if device.type == "cuda":  # the peak reported is RMU's, not the evaluation's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
+    t0 = time.perf_counter()
+    model = load_model(
+        str(src_dir), dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
+    )
+    layers = get_decoder_layers(model)
+    timings["load_s"] = time.perf_counter() - t0
 
     components = {
         "model": cache_mod.model_prefix_fingerprint(model, first),
@@ -877,7 +969,15 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         del encodings
         cache = cache_mod.ActivationCache(stored, f_idx, r_idx, cache_fp, {"hit": False})
         if cfg.cache_dir:
-            cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
+            try:
+                cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
+            except OSError as exc:  # the disk copy is an optimisation: train on without it
+                log.warning(
+                    "could not write the activation cache to --cache-dir %s (%s); continuing "
+                    "without saving it",
+                    cfg.cache_dir,
+                    exc,
+                )
     timings["cache_s"] = time.perf_counter() - t0
     if device.type == "cuda" and not cache.info.get("hit"):
         # the prefix is never run again: free its GPU memory before training
@@ -954,16 +1054,28 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
 
     # Ctrl-C is deferred to the end of the current step so that the checkpoint written on
     # interruption holds a consistent state (a second Ctrl-C aborts at once, without one).
-    interrupt = {"requested": False}
+    # While a checkpoint is being written, Ctrl-C waits for it to finish.
+    interrupt = {"requested": False, "saving": False}
 
     def on_sigint(signum, frame):
+        if interrupt["saving"]:
+            interrupt["requested"] = True
+            log.warning("interrupt: writing a checkpoint; stopping once it is written")
+            return
         if interrupt["requested"]:
-            raise _Abort
+            raise _Abort("aborted by a second Ctrl-C; no checkpoint written for this step")
         interrupt["requested"] = True
         log.warning(
             "interrupt: finishing the current step and writing a checkpoint "
             "(press Ctrl-C again to abort without one)"
         )
+
+    def save(step: int) -> None:
+        interrupt["saving"] = True
+        try:
+            _save_checkpoint(ckpt, step, trainer, losses, fingerprint, inputs_fp)
+        finally:
+            interrupt["saving"] = False
 
     old_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -982,12 +1094,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 flush()
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < num_batches:
                 flush()
-                _save_checkpoint(ckpt, done, trainer, losses, fingerprint, inputs_fp)
+                save(done)
             if interrupt["requested"]:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         flush(callbacks=False)
-        _save_checkpoint(ckpt, done, trainer, losses, fingerprint, inputs_fp)
+        save(done)
         raise TrainingError(
             f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
             f"{rerun} to finish"
@@ -1054,6 +1166,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             "device": str(device),
             "dtype": str(dtype).replace("torch.", ""),
             "versions": _versions(),
+            "eval": eval_meta,
             "eval_before": eval_before,
             "eval_after": None,
         }
@@ -1076,7 +1189,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         del model, trainer, loader, cache, targets
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        report["eval_after"] = _evaluate_dir(cfg, str(out), device, dtype)
+        report["eval_after"], report["eval"] = _evaluate_dir(cfg, str(out), device, dtype, progress)
         timings["eval_after_s"] = time.perf_counter() - t0
         if report["eval_before"] is not None:
             plot_accuracy(report["eval_before"], report["eval_after"], out / "accuracy.png")

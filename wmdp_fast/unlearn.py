@@ -262,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-limit", dest="eval_limit", type=int, default=None, help="first N questions per task"
     )
     add.add_argument(
+        "--eval-protocol",
+        dest="eval_protocol",
+        choices=["lm-eval-current", "lm-eval-0.4.2"],
+        default="lm-eval-current",
+        help="prompt protocol of --eval: lm-eval 0.4.13 (default) or 0.4.2 (the paper's)",
+    )
+    add.add_argument(
         "--checkpoint-every",
         dest="checkpoint_every",
         type=int,
@@ -334,6 +341,7 @@ def config_from_args(args: argparse.Namespace):
         eval_tasks=args.eval_tasks or [],
         eval_data_dir=args.eval_data_dir,
         eval_limit=args.eval_limit,
+        eval_protocol=args.eval_protocol,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -17,10 +17,11 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
 
 #ifdef WMDP_FAST_WITH_CUDA
 // Sets *bad_row to the smallest row holding NaN/+inf or only -inf (else -1); never throws on data
-// (the caller in bindings.cpp raises: see the note in gather_logprobs_cuda.cu).
+// (the caller in bindings.cpp raises: see the note in gather_logprobs_cuda.cu). `variant` picks
+// the row_stats kernel (1-4, described in gather_logprobs_cuda.cu; the caller checks the range).
 std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits,
                                                         const at::Tensor& row_index,
                                                         const at::Tensor& target,
                                                         const at::Tensor& request_offsets,
-                                                        int64_t* bad_row);
+                                                        int variant, int64_t* bad_row);
 #endif

@@ -1,12 +1,25 @@
 // CUDA kernels of gather_logprobs.
 //
-// mark:      needed[r] = 1 for every row named in row_index (idempotent stores: no sort, no unique).
-// row_stats: one block per row of `logits`, returning at once for rows nobody asked for. Each
-//            thread streams 16-byte vectors; per vector it takes the max first and rescales its
-//            running sum at most once, then adds exp(x - m) for the vector's elements, so the
-//            inner loop is max / sub / exp2 / add with no per-element branch. The block merges
-//            the (max, sum, first argmax) triples with warp shuffles. Bytes moved: each needed
-//            row once.
+// mark:      needed[r] = 1 for every row named in row_index (idempotent stores: no sort, no unique);
+//            its thread 0 also resets the bad-row flags (no host-to-device copy per call).
+// row_stats: the log-sum-exp and first argmax of every needed row, in one pass over it. Bytes
+//            moved: each needed row once. Four variants, picked per call by the environment
+//            variable WMDP_FAST_GATHER_CUDA_VARIANT (read in bindings.cpp; unset = 1):
+//   1 (default; the kernel measured on an H100): one block of 256 threads per row, returning
+//            at once for rows nobody asked for. Each thread streams 16-byte vectors; per vector
+//            it takes the max first and rescales its running sum at most once, then adds
+//            exp(x - m) for the vector's elements (max / sub / exp2 / add, no per-element
+//            branch), and tests every element for NaN/+inf.
+//   2        one block per row; each thread issues 4 independent 16-byte loads before it uses
+//            any (more bytes in flight per thread), folds the 4 vectors as one chunk, and finds
+//            bad rows from the final (max, sum) instead of per element (row_stats_v2.cuh says
+//            why that is exact).
+//   3        as 2, but one warp per row (8 rows per 256-thread block): no block barrier, a
+//            longer stream per thread.
+//   4        as 2 with 8 loads in flight per thread.
+//            All variants keep the first-index tie rule and compute exp(x - m) with the
+//            subtraction first. The block or warp merges the (max, sum, first argmax) triples
+//            with warp shuffles.
 // finish:    one thread per request sums its pairs in order (deterministic, no atomics).
 // A bad row (NaN/+inf, or only -inf) sets a flag and the smallest such row id (atomicOr/atomicMin:
 // order-independent); the host reads it back once to raise an error naming the row.
@@ -22,6 +35,7 @@
 #include <cstdint>
 
 #include "gather_logprobs.h"
+#include "row_stats_v2.cuh"
 
 namespace {
 
@@ -96,8 +110,12 @@ __device__ __forceinline__ Stat shfl_merge(Stat st, int off) {
 }
 
 __global__ void mark_kernel(const int64_t* __restrict__ row_index, int64_t M,
-                            unsigned char* __restrict__ needed) {
+                            unsigned char* __restrict__ needed, int* __restrict__ flags) {
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i == 0) {  // row_stats runs after this kernel on the same stream
+    flags[0] = 0;
+    flags[1] = INT32_MAX;
+  }
   if (i < M) needed[row_index[i]] = 1;
 }
 
@@ -156,6 +174,53 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// Variants 2-4: G threads per row (G = THREADS: a block per row; G = 32: a warp per row), U
+// loads in flight per thread. The per-thread math is in row_stats_v2.cuh.
+__device__ __forceinline__ wmdp_v2::Stat shfl_merge_v2(wmdp_v2::Stat st, int off) {
+  wmdp_v2::Stat o;
+  o.m = __shfl_down_sync(0xffffffff, st.m, off);
+  o.s = __shfl_down_sync(0xffffffff, st.s, off);
+  o.a = __shfl_down_sync(0xffffffff, st.a, off);
+  return wmdp_v2::merge(st, o);
+}
+
+template <typename T, int U, int G>
+__global__ void __launch_bounds__(THREADS)
+    row_stats_v2_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t R, int64_t V,
+                        const unsigned char* __restrict__ needed, float* __restrict__ lse,
+                        int64_t* __restrict__ amax, int* __restrict__ bad_flag,
+                        int* __restrict__ bad_row) {
+  static_assert(G == 32 || G == THREADS, "a row belongs to one warp or one block");
+  constexpr int RPB = THREADS / G;
+  const int64_t row = (int64_t)blockIdx.x * RPB + threadIdx.x / G;
+  // G == THREADS: the whole block leaves; G == 32: one warp (no block barrier below)
+  if (row >= R || !needed[row]) return;
+  const int t = threadIdx.x % G;
+  wmdp_v2::Stat st = wmdp_v2::thread_stat<T, U, G>(logits + row * row_stride, V, t);
+  for (int off = 16; off > 0; off >>= 1) st = shfl_merge_v2(st, off);
+  if constexpr (G == THREADS) {
+    __shared__ wmdp_v2::Stat sh[THREADS / 32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) sh[warp] = st;
+    __syncthreads();
+    if (warp != 0) return;
+    st = lane < THREADS / 32 ? sh[lane] : wmdp_v2::Stat{-INFINITY, 0.0f, -1};
+    for (int off = 16; off > 0; off >>= 1) st = shfl_merge_v2(st, off);
+  }
+  if (t == 0) {
+    float l;
+    if (wmdp_v2::finish(st, &l)) {
+      lse[row] = l;
+      amax[row] = st.a;
+    } else {
+      lse[row] = NAN;
+      amax[row] = -1;
+      atomicOr(bad_flag, 1);
+      atomicMin(bad_row, (int)min(row, (int64_t)INT32_MAX));
+    }
+  }
+}
+
 template <typename T>
 __global__ void finish_kernel(const T* __restrict__ logits, int64_t row_stride,
                               const int64_t* __restrict__ row_index,
@@ -176,21 +241,46 @@ __global__ void finish_kernel(const T* __restrict__ logits, int64_t row_stride,
   greedy[n] = g;
 }
 
+template <typename T, int U, int G>
+void launch_row_stats_v2(const at::Tensor& logits, const at::Tensor& needed, at::Tensor& lse,
+                         at::Tensor& amax, at::Tensor& flags, cudaStream_t stream) {
+  constexpr int RPB = THREADS / G;
+  const int64_t R = logits.size(0);
+  row_stats_v2_kernel<T, U, G><<<(R + RPB - 1) / RPB, THREADS, 0, stream>>>(
+      reinterpret_cast<const T*>(logits.const_data_ptr()), logits.stride(0), R, logits.size(1),
+      needed.const_data_ptr<unsigned char>(), lse.data_ptr<float>(), amax.data_ptr<int64_t>(),
+      flags.data_ptr<int>(), flags.data_ptr<int>() + 1);
+}
+
 template <typename T>
 void launch(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& target,
-            const at::Tensor& offsets, at::Tensor& needed, at::Tensor& lse, at::Tensor& amax,
-            at::Tensor& flags, at::Tensor& loglik, at::Tensor& greedy) {
+            const at::Tensor& offsets, int variant, at::Tensor& needed, at::Tensor& lse,
+            at::Tensor& amax, at::Tensor& flags, at::Tensor& loglik, at::Tensor& greedy) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const T* lp = reinterpret_cast<const T*>(logits.const_data_ptr());
   const int64_t R = logits.size(0);
   const int64_t M = row_index.numel();
   mark_kernel<<<(M + 255) / 256, 256, 0, stream>>>(row_index.const_data_ptr<int64_t>(), M,
-                                                   needed.data_ptr<unsigned char>());
+                                                   needed.data_ptr<unsigned char>(),
+                                                   flags.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_stats_kernel<T><<<R, THREADS, 0, stream>>>(
-      lp, logits.stride(0), logits.size(1), needed.const_data_ptr<unsigned char>(),
-      lse.data_ptr<float>(), amax.data_ptr<int64_t>(), flags.data_ptr<int>(),
-      flags.data_ptr<int>() + 1);
+  switch (variant) {
+    case 2:
+      launch_row_stats_v2<T, 4, THREADS>(logits, needed, lse, amax, flags, stream);
+      break;
+    case 3:
+      launch_row_stats_v2<T, 4, 32>(logits, needed, lse, amax, flags, stream);
+      break;
+    case 4:
+      launch_row_stats_v2<T, 8, THREADS>(logits, needed, lse, amax, flags, stream);
+      break;
+    default:  // 1; bindings.cpp lets only 1-4 through
+      row_stats_kernel<T><<<R, THREADS, 0, stream>>>(
+          lp, logits.stride(0), logits.size(1), needed.const_data_ptr<unsigned char>(),
+          lse.data_ptr<float>(), amax.data_ptr<int64_t>(), flags.data_ptr<int>(),
+          flags.data_ptr<int>() + 1);
+      break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t N = offsets.numel() - 1;
   finish_kernel<T><<<(N + 255) / 256, 256, 0, stream>>>(
@@ -209,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits
                                                         const at::Tensor& row_index,
                                                         const at::Tensor& target,
                                                         const at::Tensor& request_offsets,
-                                                        int64_t* bad_row) {
+                                                        int variant, int64_t* bad_row) {
   *bad_row = -1;
   const c10::cuda::CUDAGuard guard(logits.device());
   auto ri = row_index.contiguous();
@@ -220,22 +310,22 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits
   auto needed = at::zeros({R}, logits.options().dtype(at::kByte));
   auto lse = at::empty({R}, logits.options().dtype(at::kFloat));
   auto amax = at::empty({R}, logits.options().dtype(at::kLong));
-  auto flags = at::tensor({0, INT32_MAX}, logits.options().dtype(at::kInt));
+  auto flags = at::empty({2}, logits.options().dtype(at::kInt));  // set by mark_kernel
   auto loglik = at::empty({N}, logits.options().dtype(at::kFloat));
   auto greedy = at::empty({N}, logits.options().dtype(at::kBool));
   if (R == 0 || N == 0 || ri.numel() == 0) return {loglik.zero_(), greedy.fill_(true)};
   switch (logits.scalar_type()) {
     case at::kFloat:
-      launch<float>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
+      launch<float>(logits, ri, tg, off, variant, needed, lse, amax, flags, loglik, greedy);
       break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
+      launch<__nv_bfloat16>(logits, ri, tg, off, variant, needed, lse, amax, flags, loglik, greedy);
       break;
     case at::kHalf:
-      launch<__half>(logits, ri, tg, off, needed, lse, amax, flags, loglik, greedy);
+      launch<__half>(logits, ri, tg, off, variant, needed, lse, amax, flags, loglik, greedy);
       break;
-    default:  // unreachable: bindings.cpp checks the dtype
-      break;
+    default:  // unreachable: bindings.cpp checks the dtype (flags were never set)
+      return {loglik.fill_(NAN), greedy.fill_(false)};
   }
   // One 8-byte read back, to report a bad row by number like the CPU path.
   auto f = flags.cpu();

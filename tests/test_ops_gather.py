@@ -2,6 +2,9 @@
 
 import logging
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +12,23 @@ import torch
 from wmdp_fast import _ext, build_info, ops, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# CUDA cases carry the gpu mark, so `pytest -m gpu` (benchmarks/gpu_check.sh) selects them.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+VARIANT_ENV = "WMDP_FAST_GATHER_CUDA_VARIANT"
+CUDA_VARIANTS = (1, 2, 3, 4)  # the row_stats kernels of csrc/gather_logprobs_cuda.cu
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+# A test taking `device` runs on the CPU and on CUDA once per kernel variant. The CUDA cases
+# carry the gpu mark, so `pytest -m gpu` (benchmarks/gpu_check.sh) selects them.
+@pytest.fixture(
+    params=["cpu"]
+    + [pytest.param(f"cuda-v{v}", marks=pytest.mark.gpu, id=f"cuda-v{v}") for v in CUDA_VARIANTS]
+)
+def device(request, monkeypatch):
+    if request.param == "cpu":
+        monkeypatch.delenv(VARIANT_ENV, raising=False)
+        return "cpu"
+    monkeypatch.setenv(VARIANT_ENV, request.param.removeprefix("cuda-v"))
+    return "cuda"
 
 
 def _truth(logits, row_index, target, offsets):
@@ -37,7 +55,6 @@ def _random_requests(R, V, N, max_len=3, seed=0, device="cpu"):
     return row_index.to(device), target.to(device), offsets.to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [32000, 32001, 50257, 151936])
 def test_matches_reference(V, dtype, device):
@@ -59,7 +76,6 @@ def test_matches_reference(V, dtype, device):
     assert torch.equal(g.cpu(), tg)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_single_token_choices_share_one_row(device):
     """The usual MCQ case: 4 single-token requests per question, all on one row."""
     torch.manual_seed(1)
@@ -78,7 +94,6 @@ def test_single_token_choices_share_one_row(device):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_rows_from_3d_logits(dtype, device):
     """Rows picked out of [B, T, V] logits without a copy (stride(0) = T * V)."""
@@ -96,7 +111,6 @@ def test_strided_rows_from_3d_logits(dtype, device):
     assert torch.equal(g, rg)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_logits(dtype, device):
     torch.manual_seed(3)
@@ -122,7 +136,6 @@ def test_extreme_logits(dtype, device):
     assert abs(float(ll[5]) + torch.log(torch.tensor(float(V))).item()) < 2e-3
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_tie_rule_first_index_wins(device):
     """Ties: the argmax is the FIRST maximal index (torch.argmax / lm-eval's rule)."""
     V = 32000
@@ -196,7 +209,6 @@ def test_bad_arguments_name_the_argument(make, match):
         ops.gather_logprobs(*make(L))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("poison", ["nan", "allneginf", "posinf"])
 def test_bad_rows_raise(poison, device):
     logits = torch.randn(4, 5000)
@@ -224,15 +236,165 @@ def test_bad_rows_raise(poison, device):
     assert torch.isfinite(ll).all()
 
 
-def test_partial_neginf_row_is_fine():
+def test_partial_neginf_row_is_fine(device):
     logits = torch.randn(1, 4096)
     logits[0, :4000] = float("-inf")  # masked vocabulary
     ll, g = ops.gather_logprobs(
-        logits, torch.tensor([0, 0]), torch.tensor([4001, 5]), torch.arange(3)
+        logits.to(device),
+        torch.tensor([0, 0], device=device),
+        torch.tensor([4001, 5], device=device),
+        torch.arange(3, device=device),
     )
     ref = torch.log_softmax(logits.double(), -1)[0]
     assert abs(float(ll[0]) - float(ref[4001])) < 1e-5
     assert ll[1] == float("-inf") and not g[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_at_every_distance(dtype, device):
+    """First-index ties inside one 16-byte vector, between neighbouring threads, and as far apart
+    as one thread's consecutive loads and chunks in every CUDA variant (128 ... 16,384
+    elements), in aligned rows and in rows misaligned by one element (the head is read element
+    by element)."""
+    V = 40001
+    cases = [(3, d) for d in (1, 4, 8, 9, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)]
+    cases += [(20000, 1024), (0, V - 1)]  # (first index, distance to its tie)
+    for start in (0, 1):
+        full = torch.randn(len(cases), V + 1) * 3
+        for r, (i, d) in enumerate(cases):
+            full[r, start + i] = full[r, start + i + d] = 30.0
+        x = full.to(dtype).to(device)[:, start : start + V]  # sliced on the device: strided
+        rows = torch.arange(len(cases), device=device).repeat_interleave(2)
+        target = torch.tensor([t for i, d in cases for t in (i, i + d)], device=device)
+        ll, g = ops.gather_logprobs(
+            x, rows, target, torch.arange(2 * len(cases) + 1, device=device)
+        )
+        assert g.tolist() == [True, False] * len(cases)
+        assert torch.equal(ll[0::2], ll[1::2])
+        offsets = torch.arange(len(g) + 1)
+        rl, _ = reference.gather_logprobs(x.cpu(), rows.cpu(), target.cpu(), offsets)
+        torch.testing.assert_close(ll.cpu(), rl, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "poison",
+    [
+        "nan_first",
+        "nan_last",
+        "posinf_last",
+        "neginf_but_one_nan",
+        "neginf_but_one_posinf",
+        "neginf_but_finite_and_nan",
+        "masked_vocab_nan",
+        "posinf_and_neginf",
+    ],
+)
+def test_bad_row_cases_name_the_row(poison, dtype, device):
+    """Bad rows the CUDA variants 2-4 must find from the final (max, sum) alone: a NaN in a
+    16-byte vector whose other values are -inf, a +inf at the very end, a NaN in the misaligned
+    head, ... Row 3 of 5 is poisoned, in a [5, V] slice of [5, V + 1] (rows misaligned)."""
+    V = 32001
+    full = torch.randn(5, V + 1)
+    x = full[:, 1:]  # a view: the poison below lands in full
+    nan, inf = float("nan"), float("inf")
+    if poison == "nan_first":
+        x[3, 0] = nan
+    elif poison == "nan_last":
+        x[3, V - 1] = nan
+    elif poison == "posinf_last":
+        x[3, V - 1] = inf
+    elif poison == "neginf_but_one_nan":
+        x[3] = -inf
+        x[3, 12345] = nan
+    elif poison == "neginf_but_one_posinf":
+        x[3] = -inf
+        x[3, 77] = inf
+    elif poison == "neginf_but_finite_and_nan":
+        x[3] = -inf
+        x[3, 100] = 1.0
+        x[3, 20000] = nan
+    elif poison == "masked_vocab_nan":
+        x[3, : 3 * V // 4] = -inf
+        x[3, 1001] = nan  # alone among -inf values
+    else:
+        x[3, 5] = inf
+        x[3, 6] = -inf
+    x = full.to(dtype).to(device)[:, 1:]  # sliced on the device: rows stay misaligned
+    assert x.stride(0) == V + 1
+    row_index = torch.tensor([0, 1, 2, 3, 4], device=device)
+    target = torch.tensor([1, 2, 3, 4, 5], device=device)
+    with pytest.raises(RuntimeError, match="row 3 "):
+        ops.gather_logprobs(x, row_index, target, torch.arange(6, device=device))
+    ll, _ = ops.gather_logprobs(  # the same rows without row 3 are fine
+        x, row_index[[0, 1, 2, 4]], target[:4], torch.arange(5, device=device)
+    )
+    assert torch.isfinite(ll).all()
+
+
+def test_cuda_variant_is_read_from_the_environment(monkeypatch):
+    """WMDP_FAST_GATHER_CUDA_VARIANT picks the CUDA row_stats kernel (parsed in bindings.cpp, so
+    this runs without a GPU); anything but 1-4 is an error naming the variable."""
+    C = _ext.load_C()
+    if C is None:
+        pytest.skip(f"wmdp_fast._C not built: {_ext.load_error()}")
+    monkeypatch.delenv(VARIANT_ENV, raising=False)
+    assert C.gather_cuda_variant() == 1
+    monkeypatch.setenv(VARIANT_ENV, "")
+    assert C.gather_cuda_variant() == 1
+    for v in CUDA_VARIANTS:
+        monkeypatch.setenv(VARIANT_ENV, str(v))
+        assert C.gather_cuda_variant() == v
+    for bad in ("0", "5", "2 ", "12", "v2"):
+        monkeypatch.setenv(VARIANT_ENV, bad)
+        with pytest.raises(RuntimeError, match=f"{VARIANT_ENV} must be 1 .*got '{bad}'"):
+            C.gather_cuda_variant()
+
+
+@pytest.mark.gpu
+def test_cuda_bad_variant_raises_before_any_work(monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "9")
+    logits = torch.randn(2, 100, device="cuda")
+    with pytest.raises(RuntimeError, match=VARIANT_ENV):
+        ops.gather_logprobs(
+            logits,
+            torch.tensor([0, 1], device="cuda"),
+            torch.tensor([3, 4], device="cuda"),
+            torch.arange(3, device="cuda"),
+        )
+
+
+def _cuda_include_dir() -> str | None:
+    """A CUDA toolkit include folder with cuda_bf16.h (host-usable headers), if there is one."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    for h in homes:
+        if h and (Path(h) / "include" / "cuda_bf16.h").is_file():
+            return str(Path(h) / "include")
+    return None
+
+
+def test_cuda_variants_2_to_4_math_on_the_host(tmp_path):
+    """The per-thread code of CUDA variants 2-4 (csrc/row_stats_v2.cuh, __host__ __device__) run
+    on the CPU by csrc/row_stats_v2_hostcheck.cpp: every thread of a row, merged in the kernel's
+    shuffle order, against a float64 reference (lse, first argmax, bad-row verdict) over
+    alignments, ties and NaN/+inf/-inf rows. Needs a C++ compiler and the CUDA headers."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs g++ and a CUDA toolkit's include folder (cuda_bf16.h)")
+    exe = tmp_path / "hostcheck"
+    src = CSRC / "row_stats_v2_hostcheck.cpp"
+    build = subprocess.run(
+        [cxx, "-std=c++17", "-O1", "-w", "-I", str(CSRC), "-I", inc, str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and ", 0 failures" in res.stdout, res.stdout[-3000:]
 
 
 def test_compiled_extension_is_what_runs(monkeypatch):

@@ -146,3 +146,18 @@ def test_bad_data_fails_before_any_model_work(tmp_path):
 
     with pytest.raises(DataError, match=r"wmdp-chem\.jsonl: row 1 \(line 2\), field 'answer'"):
         evaluate(Boom(), Boom(), "wmdp", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_file_is_a_data_error_naming_file_and_line(tmp_path, suffix):
+    """A Latin-1 task file: one DataError naming the file, the line and UTF-8 (it was a raw
+    UnicodeDecodeError traceback)."""
+    good = json.dumps(GOOD).encode()
+    bad = json.dumps({**GOOD, "question": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1")
+    body = good + b"\n" + good + b"\n" + bad + b"\n"
+    p = tmp_path / f"wmdp-bio{suffix}"
+    p.write_bytes(body if suffix == ".jsonl" else b"[" + good + b",\n" + bad + b"]")
+    with pytest.raises(DataError) as info:
+        load_task("wmdp_bio", data_dir=tmp_path)
+    line = 3 if suffix == ".jsonl" else 2
+    assert f"{p}:{line} " in str(info.value) and "UTF-8" in str(info.value)

@@ -1,7 +1,8 @@
 """Forget and retain corpora for RMU, read exactly as the published script read them.
 
-- `wikitext`: wikitext-2-raw-v1, split `test`, from the Hugging Face hub (`datasets`), or offline
-  from `DIR/wikitext.jsonl` (one `{"text": ...}` object per line).
+- `wikitext`: wikitext-2-raw-v1, split `test`, offline from `DIR/wikitext.jsonl` (one
+  `{"text": ...}` object per line) when that file exists, else from the Hugging Face hub
+  (`datasets`).
 - a name containing `bio-forget-corpus`: one JSON object per line, text = `obj["text"]`.
 - every other corpus: in exact mode the RAW LINE is the text (newline included), a quirk of the
   published code; in clean mode the JSON `text` field is parsed.
@@ -18,6 +19,7 @@ import json
 import logging
 from pathlib import Path
 
+from wmdp_fast.data import not_utf8_error
 from wmdp_fast.errors import ConfigError, DataError
 
 log = logging.getLogger("wmdp_fast")
@@ -26,6 +28,13 @@ MODES = ("exact", "clean")
 
 
 def _read_jsonl_text(path: Path, parse: bool) -> list[str]:
+    try:
+        return _read_lines(path, parse)
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path, exc) from exc
+
+
+def _read_lines(path: Path, parse: bool) -> list[str]:
     docs = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -49,20 +58,24 @@ def _read_jsonl_text(path: Path, parse: bool) -> list[str]:
     return docs
 
 
-def _wikitext_from_hub() -> list[str]:
+def _wikitext_from_hub(local: Path | None = None) -> list[str]:
+    """wikitext-2-raw-v1 (test) through `datasets`. `local` is the DIR/wikitext.jsonl that was
+    looked for first (named in the error: the offline alternative)."""
+    offline = (
+        f"write {local}" if local is not None else "pass --corpus-dir DIR with DIR/wikitext.jsonl"
+    ) + ' (one {"text": ...} per line: the wikitext-2-raw-v1 test lines) to run offline'
     try:
         from datasets import load_dataset
     except ImportError as exc:
         raise ConfigError(
-            "wikitext from the hub needs `pip install datasets`; or pass --corpus-dir DIR with "
-            "DIR/wikitext.jsonl"
+            f"wikitext from the hub needs `pip install datasets`; or {offline}"
         ) from exc
     try:
         raw = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     except Exception as exc:  # network, auth, missing dataset: all end the same way
         raise DataError(
-            f"cannot load wikitext-2-raw-v1 from the hub ({exc}); pass --corpus-dir DIR with "
-            'DIR/wikitext.jsonl (one {"text": ...} per line) to run offline'
+            f"cannot load wikitext-2-raw-v1 from the hub ({exc}); go online (the hub must be "
+            f"reachable, HF_DATASETS_OFFLINE unset), or {offline}"
         ) from exc
     return [str(x["text"]) for x in raw]
 
@@ -78,8 +91,11 @@ def load_corpus(
         raise ConfigError(f"corpus mode must be one of {MODES}, got {mode!r}")
     if not name or "/" in name or "\\" in name:
         raise ConfigError(f"corpus name {name!r} is invalid: give a bare name such as 'wikitext'")
-    if name == "wikitext" and corpus_dir is None:
-        docs = _wikitext_from_hub()
+    local_wikitext = Path(corpus_dir) / "wikitext.jsonl" if corpus_dir is not None else None
+    if name == "wikitext" and (local_wikitext is None or not local_wikitext.is_file()):
+        if local_wikitext is not None:
+            log.info("%s does not exist: wikitext comes from the hub", local_wikitext)
+        docs = _wikitext_from_hub(local_wikitext)
         where = "wikitext-2-raw-v1 (hub)"
     else:
         base = Path(corpus_dir) if corpus_dir is not None else Path("data")

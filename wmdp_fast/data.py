@@ -177,18 +177,40 @@ def validate_row(row, where: str) -> dict:
     return {"question": q, "choices": list(choices), "answer": int(ans)}
 
 
+def not_utf8_error(path: str | Path, exc: UnicodeDecodeError) -> DataError:
+    """The DataError for a text file that is not UTF-8, naming the line of the first bad byte
+    (the file is read again as bytes to find it: `exc.start` counts from a decoder chunk)."""
+    try:
+        raw = Path(path).read_bytes()
+        raw.decode("utf-8")
+    except UnicodeDecodeError as again:
+        line = raw.count(b"\n", 0, again.start) + 1
+        where = f"{path}:{line} (byte {again.start})"
+    except OSError:
+        where = str(path)
+    else:  # pragma: no cover - the file changed between the two reads
+        where = str(path)
+    return DataError(
+        f"{where}: not valid UTF-8 ({exc.reason}); the file must be UTF-8 encoded (re-save it "
+        "as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def _jsonl_rows(path: Path) -> list[tuple[object, str]]:
     """(parsed object, "file: row R (line L)") per non-blank line of a JSON Lines file."""
     rows: list[tuple[object, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: row {len(rows)} (line {lineno})"
-            try:
-                rows.append((json.loads(line), where))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}: row {len(rows)} (line {lineno})"
+                try:
+                    rows.append((json.loads(line), where))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise not_utf8_error(path, exc) from exc
     return rows
 
 
@@ -204,6 +226,8 @@ def read_mcq_file(path: str | Path) -> list[dict]:
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise not_utf8_error(path, exc) from exc
         except json.JSONDecodeError as exc:
             # several top-level values: JSON Lines, as datasets' Dataset.to_json writes (and
             # lm-eval's `json` loader reads) under a .json name

@@ -156,3 +156,71 @@ def test_no_model_runs_the_demo(tmp_path, capsys):
     assert set(res["results"]) == {"demo_forget", "demo_retain"}
     assert all(r["n"] > 0 for r in res["results"].values())
     assert "|demo_forget|" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name,msg",
+    [("/nonexistent/path", "no such folder"), ("EMPTY", "holds no config.json")],
+)
+def test_model_path_that_is_not_a_model_folder(tmp_path, capsys, name, msg):
+    """--model naming a missing path or a folder without config.json: one plain error line (was
+    the hub's 'Repo id must use alphanumeric chars' / a sentencepiece message), before any data
+    is loaded (no --data-dir here: the hub is never asked)."""
+    name = str(tmp_path) if name == "EMPTY" else name
+    assert main(["--model", name, "--tasks", "wmdp_bio", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --model {name}: ") and msg in err[-1]
+    assert "alphanumeric" not in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_out_of_memory_while_loading_is_one_error_line(setup, monkeypatch, capsys):
+    import torch
+    import transformers
+
+    _, model, data = setup
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", oom)
+    rc = main(["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+               "--device", "cpu", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"error: out of memory loading model '{model}'")
+    assert "--load-in-4bit" in err[-1] and "--load-in-8bit" in err[-1]
+
+
+def test_ctrl_c_prints_interrupted_exits_130_writes_nothing(setup, tmp_path, monkeypatch, capsys):
+    import wmdp_fast.evaluate
+
+    _, model, data = setup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wmdp_fast.evaluate, "evaluate", interrupted)
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    try:
+        rc = main(["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+                   "--device", "cpu", "--no-progress", "--output", str(out),
+                   "--log-samples", str(samples)])  # fmt: skip
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main() (a traceback for the user)")
+    captured = capsys.readouterr()
+    assert rc == 130
+    assert captured.err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_progress_hides_the_transformers_loading_bar(setup, capfd):
+    _, model, data = setup
+    argv = ["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+            "--device", "cpu", "--limit", "1"]  # fmt: skip
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" in err and "Scoring" in err  # what --no-progress must hide
+    assert main([*argv, "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Scoring" not in err

@@ -299,3 +299,37 @@ def test_mcqtask_docs_are_validated_before_model_work():
         task = MCQTask("t", "biology", "mine.jsonl", [docs[0], bad, docs[2]])
         with pytest.raises(DataError, match=rf"task t \(mine\.jsonl\): row 1, field '{field}'"):
             ev.evaluate(Boom(), Boom(), [task], progress=False)
+
+
+def test_nan_logits_name_task_and_doc_ids_and_suggest_a_dtype(tok, monkeypatch, caplog):
+    """NaN/inf logits (float16 overflow): a ModelError naming the task and doc_id(s) and
+    suggesting bfloat16/float32, not gather_logprobs' bare RuntimeError."""
+    t1 = MCQTask("t1", "biology", "a.jsonl", _docs(3, seed=1))
+    docs2 = _docs(4, seed=2)
+    docs2[2] = {**docs2[2], "question": "zebra " * 30 + "?"}  # long: never the checked sequence
+    t2 = MCQTask("t2", "chemistry", "b.jsonl", docs2)
+    model = _mistral(seed=3)
+    marker = tok(" zebra", add_special_tokens=False)["input_ids"][-1]
+    real = ev._Scorer.logits_at
+
+    def overflowing(self, ids, flat_rows):
+        logits = real(self, ids, flat_rows).clone()
+        T = ids.shape[1]
+        hit = (ids == marker).any(dim=1)
+        logits[hit[(flat_rows // T).to(hit.device)]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(ev._Scorer, "logits_at", overflowing)
+    with pytest.raises(ModelError) as info:
+        ev.evaluate(model, tok, [t1, t2], progress=False, batch_tokens=10**6)
+    msg = str(info.value)
+    assert msg.startswith("task t2, doc_id 2: ") and "--dtype bfloat16" in msg
+    assert "float32" in msg
+
+    # the whole head NaN: already the one-sequence check of the split path names the docs
+    monkeypatch.setattr(ev._Scorer, "logits_at", real)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ModelError, match=r"^task t\d, doc_id \d+: .*NaN or inf logits"):
+        ev.evaluate(model, tok, [t1, t2], progress=False)
+    assert "full forward" not in caplog.text  # not blamed on the split path

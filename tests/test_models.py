@@ -108,3 +108,129 @@ def test_hub_snapshot_skips_other_weight_formats(tmp_path, monkeypatch):
     for name in ("pytorch_model-00001-of-00008.bin", "original/consolidated.00.pth", "x.msgpack"):
         assert any(fnmatch.fnmatch(name, pat) for pat in ignored), name
     assert not any(fnmatch.fnmatch("model-00001-of-00008.safetensors", p) for p in ignored)
+
+
+# --- loading: local paths, progress bars, out of memory --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from wmdp_fast.testing import make_tiny_model
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "tiny", arch="llama", num_hidden_layers=1, vocab_size=128,
+        with_tokenizer=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["missing", "relative", "deep", "home", "empty_dir", "file"])
+def test_local_looking_paths_fail_plainly(tmp_path, monkeypatch, how):
+    """A path that is not a model folder: a ModelError saying so, not the hub's 'Repo id must use
+    alphanumeric chars' nor a sentencepiece message; nothing is asked of the hub."""
+    import huggingface_hub
+
+    from wmdp_fast.models import load_model, load_tokenizer, resolve_checkpoint_dir
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    name, msg = {
+        "missing": ("/nonexistent/path", "no such folder"),
+        "relative": ("./nope", "no such folder"),
+        "deep": ("a/b/c", "no such folder"),
+        "home": ("~/surely-not-a-model-here-4c1d", "no such folder"),
+        "empty_dir": ("empty", "holds no config.json"),
+        "file": ("weights.bin", "is a file"),
+    }[how]
+    with pytest.raises(ModelError, match=msg) as info:
+        load_model(name, device="cpu")
+    assert name in str(info.value) and "alphanumeric" not in str(info.value)
+    with pytest.raises(ModelError, match=msg if how != "empty_dir" else "holds no config.json or"):
+        load_tokenizer(name)
+    with pytest.raises(ModelError, match=msg):
+        resolve_checkpoint_dir(name)
+
+
+def test_hub_names_still_go_to_the_hub(monkeypatch):
+    import transformers
+
+    from wmdp_fast.models import check_model_path, load_model
+
+    assert check_model_path("org/name") == "org/name" and check_model_path("gpt2") == "gpt2"
+    seen = []
+
+    def fake(name, **kwargs):
+        seen.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    with pytest.raises(ModelError, match="couldn't connect"):
+        load_model("HuggingFaceH4/zephyr-7b-beta", device="cpu")
+    assert seen == ["HuggingFaceH4/zephyr-7b-beta"]
+
+
+def test_progress_false_hides_transformers_loading_bar(tiny_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from wmdp_fast.models import load_model
+
+    assert hf_logging.is_progress_bar_enabled()
+    ref = load_model(str(tiny_dir), device="cpu")
+    assert "Loading weights" in capfd.readouterr().err  # the bar this test must be able to see
+    model = load_model(str(tiny_dir), device="cpu", progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    hf_logging.disable_progress_bar()  # a previous "off" stays off
+    try:
+        load_model(str(tiny_dir), device="cpu", progress=False)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
+def test_out_of_memory_while_loading_is_a_resource_error(tiny_dir, monkeypatch, exc):
+    import transformers
+
+    from wmdp_fast.errors import ResourceError
+    from wmdp_fast.models import load_model
+
+    def oom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", oom)
+    with pytest.raises(ResourceError) as info:
+        load_model(str(tiny_dir), device="cpu")
+    msg = str(info.value)
+    assert str(tiny_dir) in msg and "--load-in-4bit" in msg and "--load-in-8bit" in msg
+
+
+def test_tests_run_offline():
+    """conftest sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE before transformers/datasets are
+    imported, so an accidental hub call in a test fails instead of downloading."""
+    import os
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var) not in (None, "1"):
+            pytest.skip(f"{var}={os.environ[var]} set explicitly by the caller")
+        assert os.environ.get(var) == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert datasets.config.HF_DATASETS_OFFLINE is True

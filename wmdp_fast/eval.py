@@ -108,7 +108,7 @@ def format_table(res: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     from wmdp_fast.data import DEMO_TASKS, load_tasks
     from wmdp_fast.evaluate import evaluate
-    from wmdp_fast.models import load_model, load_tokenizer, resolve_device
+    from wmdp_fast.models import check_model_path, load_model, load_tokenizer, resolve_device
 
     model_path = args.model
     tasks = args.tasks
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
                 "with python -m wmdp_fast.demo.train"
             )
         tasks = tasks or ",".join(DEMO_TASKS)
+    else:
+        model_path = check_model_path(model_path)  # a missing folder fails before data loading
     tasks = tasks or "wmdp"
     if args.load_in_4bit and args.load_in_8bit:
         raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
@@ -134,7 +136,10 @@ def run(args: argparse.Namespace) -> dict:
     task_objs, groups = load_tasks(tasks, args.data_dir, args.limit)  # validates all data first
     device = resolve_device(args.device)
     log.info("loading %s", model_path)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=args.trust_remote_code)
+    progress = not args.no_progress
+    tokenizer = load_tokenizer(
+        model_path, trust_remote_code=args.trust_remote_code, progress=progress
+    )
     model = load_model(
         model_path,
         dtype=args.dtype,
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         load_in_4bit=args.load_in_4bit,
         load_in_8bit=args.load_in_8bit,
         trust_remote_code=args.trust_remote_code,
+        progress=progress,
     )
     res = evaluate(
         model,
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         batch_tokens=args.batch_tokens,
         max_length=args.max_length,
         log_samples=bool(args.log_samples),
-        progress=not args.no_progress,
+        progress=progress,
         model_name=args.model or "wmdp_fast-demo",
     )
     res["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
@@ -179,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # outputs are written atomically at the very end, so nothing partial is left behind
+        print("interrupted", file=sys.stderr)
+        return 130
     print(format_table(res))
     return 0
 

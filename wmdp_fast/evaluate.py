@@ -165,6 +165,8 @@ class _Scorer:
                         type(self.model).__name__, exc)  # fmt: skip
             self.split = False
             return
+        if _bad_rows(ref).any():
+            raise _NonFiniteLogits([])
         tol = 1e-3 if ours.dtype == torch.float32 and ref.dtype == torch.float32 else 3e-2
         tol = tol * max(1.0, float(ref.abs().max()))
         if not torch.allclose(ours, ref, rtol=0, atol=tol):
@@ -215,14 +217,50 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
 
+class _NonFiniteLogits(Exception):
+    """Internal: some logits rows hold NaN/+inf (or only -inf); `questions` are the global
+    indices of the questions scored from them (empty: those of the sequence being checked)."""
+
+    def __init__(self, questions: list[int]):
+        super().__init__(questions)
+        self.questions = questions
+
+
+def _bad_rows(logits: torch.Tensor) -> torch.Tensor:
+    """bool [R]: rows whose log-softmax is undefined (gather_logprobs' rule)."""
+    rows = logits.float()
+    return ~torch.isfinite(rows.amax(dim=-1)) | torch.isnan(rows).any(dim=-1)
+
+
+def _nonfinite_error(questions: list[int], labels: list[tuple[str, int]] | None) -> ModelError:
+    qs = sorted(set(questions))
+    if labels is None:
+        where = f"questions {qs[:20]}"
+    else:
+        by_task: dict[str, list[int]] = {}
+        for q in qs:
+            by_task.setdefault(labels[q][0], []).append(labels[q][1])
+        where = "; ".join(
+            f"task {t}, doc_id {', '.join(map(str, ids[:20]))}{' ...' if len(ids) > 20 else ''}"
+            for t, ids in by_task.items()
+        )
+    return ModelError(
+        f"{where}: the model produced NaN or inf logits (in float16 activations overflow is the "
+        "usual cause); load the model in bfloat16 or float32 (--dtype bfloat16 or --dtype "
+        "float32)"
+    )
+
+
 def score_sequences(
     model,
     seqs: list[tuple[int, ...]],
     requests: list[_Request],
     batch_tokens: int | None = None,
     progress: bool = True,
+    labels: list[tuple[str, int]] | None = None,
 ) -> tuple[list[float], list[bool]]:
-    """Log-likelihood and is_greedy of every request (in order)."""
+    """Log-likelihood and is_greedy of every request (in order). `labels[q]` = (task, doc_id) of
+    question q, named when the model yields NaN/inf logits (ModelError)."""
     scorer = _Scorer(model)
     device = scorer.device
     budget = int(batch_tokens) if batch_tokens else auto_batch_tokens(model, device)
@@ -241,13 +279,19 @@ def score_sequences(
     i = 0
     with torch.inference_mode():
         if order and not scorer.checked:
-            scorer.check_against_forward(seqs[order[-1]])  # the shortest: cheap
+            try:
+                scorer.check_against_forward(seqs[order[-1]])  # the shortest: cheap
+            except _NonFiniteLogits:
+                qs = [requests[ri].question for ri in by_seq[order[-1]]]
+                raise _nonfinite_error(qs, labels) from None
         while i < len(order):
             T = len(seqs[order[i]])
             n = max(1, budget // T)
             batch = order[i : i + n]
             try:
                 _score_batch(scorer, seqs, requests, by_seq, batch, loglik, greedy)
+            except _NonFiniteLogits as exc:
+                raise _nonfinite_error(exc.questions, labels) from None
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 if not _is_oom(exc):
                     raise
@@ -293,12 +337,24 @@ def _score_batch(scorer, seqs, requests, by_seq, batch, loglik, greedy) -> None:
             req_ids.append(ri)
     dev = scorer.device
     logits = scorer.logits_at(ids.to(dev), torch.tensor(flat, dtype=torch.long, device=dev))
-    ll, gr = ops.gather_logprobs(
-        logits,
-        torch.tensor(pair_rows, dtype=torch.long, device=logits.device),
-        torch.tensor(targets, dtype=torch.long, device=logits.device),
-        torch.tensor(offsets, dtype=torch.long, device=logits.device),
-    )
+    try:
+        ll, gr = ops.gather_logprobs(
+            logits,
+            torch.tensor(pair_rows, dtype=torch.long, device=logits.device),
+            torch.tensor(targets, dtype=torch.long, device=logits.device),
+            torch.tensor(offsets, dtype=torch.long, device=logits.device),
+        )
+    except RuntimeError:
+        # gather_logprobs refuses NaN/+inf rows; checked only on failure (a pass over the logits)
+        bad = _bad_rows(logits).tolist()
+        if not any(bad):
+            raise
+        questions = [
+            requests[ri].question
+            for k, ri in enumerate(req_ids)
+            if any(bad[pair_rows[j]] for j in range(offsets[k], offsets[k + 1]))
+        ]
+        raise _NonFiniteLogits(questions) from None
     for ri, v, g in zip(req_ids, ll.tolist(), gr.tolist()):
         loglik[ri] = v
         greedy[ri] = bool(g)
@@ -413,7 +469,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        loglik, greedy = score_sequences(model, seqs, requests, batch_tokens, progress)
+        labels = [(t.name, i) for t in task_objs for i in range(len(t.docs))]
+        loglik, greedy = score_sequences(model, seqs, requests, batch_tokens, progress, labels)
     finally:
         model.train(was_training)
 

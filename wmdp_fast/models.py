@@ -6,14 +6,16 @@ local random-weight models exercise the real loading path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from wmdp_fast.atomic import set_new_file_mode
-from wmdp_fast.errors import ConfigError, ModelError
+from wmdp_fast.errors import ConfigError, ModelError, ResourceError
 
 log = logging.getLogger("wmdp_fast")
 
@@ -100,14 +102,91 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, **kwargs):
-    """AutoTokenizer.from_pretrained with a clear error for a missing model."""
+def _looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub name: it exists, starts with / . or ~, or has more than one '/'
+    (hub names are 'name' or 'org/name')."""
+    return (
+        os.path.exists(os.path.expanduser(name_or_path))
+        or name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def check_model_path(
+    name_or_path: str, flag: str = "--model", need: tuple[str, ...] = ("config.json",)
+) -> str:
+    """Refuse a local-looking path that does not exist, is a file, or is a folder holding none of
+    the files in `need`, with a plain ModelError (transformers would report a hub 'Repo id must
+    use alphanumeric chars' or a sentencepiece message instead). Returns the path with '~'
+    expanded; hub names ('name', 'org/name') come back unchanged."""
+    if not _looks_local(name_or_path):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"{flag} {name_or_path}: no such folder; pass an existing model folder (one written "
+            "by save_pretrained, holding config.json) or a hub name such as org/name"
+        )
+    if not path.is_dir():
+        raise ModelError(
+            f"{flag} {name_or_path}: is a file, not a model folder; pass the folder holding "
+            "config.json and the weights"
+        )
+    if not any((path / f).is_file() for f in need):
+        raise ModelError(
+            f"{flag} {name_or_path}: the folder holds no {' or '.join(need)}, so it is not a "
+            "model folder; pass the folder written by save_pretrained (config.json, weights, "
+            "tokenizer files)"
+        )
+    return str(path)
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """With enabled=False, transformers' own bars ('Loading weights', ...) are off inside the
+    block; the previous setting is restored after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was != hf_logging.is_progress_bar_enabled():
+            if was:
+                hf_logging.enable_progress_bar()
+            else:
+                hf_logging.disable_progress_bar()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA (torch.cuda.OutOfMemoryError, = torch.OutOfMemoryError since torch 2.5) or CPU
+    (MemoryError, the allocator's RuntimeError) out of memory."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg
+    )
+
+
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, progress: bool = True, **kwargs
+):
+    """AutoTokenizer.from_pretrained with a clear error for a missing model or folder.
+    progress=False hides transformers' progress bars while loading."""
     from transformers import AutoTokenizer
 
+    name_or_path = check_model_path(name_or_path, need=("config.json", *_TOKENIZER_FILES))
     try:
-        return AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **kwargs
-        )
+        with _transformers_progress(progress):
+            return AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, **kwargs
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {name_or_path!r}: {exc}") from exc
 
@@ -119,15 +198,20 @@ def load_model(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ):
     """Load a Hugging Face causal LM (hub name or local directory) for inference.
 
     dtype 'auto' means bf16 on CUDA and float32 on the CPU. 4/8-bit loading uses bitsandbytes
-    (the model is placed by transformers; `device` then only picks the GPU). Returns the model in
-    eval mode.
+    (the model is placed by transformers; `device` then only picks the GPU). progress=False
+    hides transformers' 'Loading weights' bar. Returns the model in eval mode.
+
+    Raises ModelError (missing folder, no config.json, unreadable checkpoint) and
+    ResourceError (out of memory while loading or moving it to the device).
     """
     from transformers import AutoModelForCausalLM
 
+    name_or_path = check_model_path(name_or_path)
     dev = resolve_device(device if device is None else str(device))
     torch_dtype = resolve_dtype(dtype, dev)
     qcfg = quantization_config(load_in_4bit, load_in_8bit, compute_dtype=torch_dtype)
@@ -135,14 +219,23 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
-    if not Path(name_or_path).exists() and "/" not in name_or_path:
+    if not Path(name_or_path).exists():
         log.info("%s is not a local directory; trying the Hugging Face hub", name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc
-    if qcfg is None:
-        model.to(dev)
+        with _transformers_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        if qcfg is None:
+            model.to(dev)
+    except Exception as exc:
+        if _is_oom(exc):
+            quant = "4-bit" if load_in_4bit else "8-bit" if load_in_8bit else str(torch_dtype)[6:]
+            raise ResourceError(
+                f"out of memory loading model {name_or_path!r} ({quant}) on {dev}: try "
+                "--load-in-4bit or --load-in-8bit, a smaller model, or a device with more memory"
+            ) from exc
+        if isinstance(exc, (OSError, ValueError)):
+            raise ModelError(f"cannot load model {name_or_path!r}: {exc}") from exc
+        raise
     model.eval()
     return model
 
@@ -268,7 +361,7 @@ def quantize_linear_layers_(module: torch.nn.Module, mode: str, compute_dtype: t
 
 def resolve_checkpoint_dir(name_or_path: str) -> Path:
     """The local directory holding the checkpoint files (a local path, or the hub snapshot)."""
-    p = Path(name_or_path)
+    p = Path(check_model_path(name_or_path, flag="--model_name_or_path"))
     if p.is_dir():
         return p
     try:

@@ -1,5 +1,12 @@
-import pytest
-import torch
+import os
+
+# Before anything imports transformers/datasets/huggingface_hub (they read these at import): an
+# accidental hub call in a test fails at once instead of downloading, or hanging offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

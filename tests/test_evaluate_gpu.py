@@ -71,3 +71,35 @@ def test_cuda_matches_cpu(tmp_path):
     )
     agree = sum(a["pred"] == b["pred"] for a, b in zip(cpu["samples"], bf16["samples"]))
     assert agree >= 0.75 * len(task.docs)
+
+
+def test_cuda_nan_logits_are_a_model_error_naming_the_docs(tmp_path, monkeypatch):
+    """float16 on CUDA: NaN logits for one question reach the CUDA gather_logprobs, whose
+    refusal becomes a ModelError naming task and doc_id (NOT yet run on a GPU when written)."""
+    from wmdp_fast import evaluate as ev
+    from wmdp_fast.errors import ModelError
+    from wmdp_fast.models import load_model, load_tokenizer
+
+    path = _model_with_tokenizer(tmp_path / "m")
+    tok = load_tokenizer(str(path))
+    docs = _docs(6, seed=3)
+    docs[4] = {**docs[4], "question": "zebra " * 150 + "?"}  # the longest: never the checked one
+    task = MCQTask("t", "biology", "synthetic", docs)
+    model = load_model(str(path), "fp16", "cuda", progress=False)
+    marker = tok(" zebra", add_special_tokens=False)["input_ids"][-1]
+    real = ev._Scorer.logits_at
+
+    def overflowing(self, ids, flat_rows):
+        logits = real(self, ids, flat_rows).clone()
+        hit = (ids == marker).any(dim=1)
+        logits[hit[flat_rows // ids.shape[1]]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(ev._Scorer, "logits_at", overflowing)
+    with pytest.raises(ModelError, match=r"^task t, doc_id 4: .*--dtype bfloat16"):
+        evaluate(model, tok, [task], progress=False)
+    monkeypatch.setattr(ev._Scorer, "logits_at", real)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ModelError, match=r"^task t, doc_id \d+: .*NaN or inf logits"):
+        evaluate(model, tok, [task], progress=False)

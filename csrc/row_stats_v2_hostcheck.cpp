@@ -9,11 +9,14 @@
 // tests/test_ops_gather.py do).
 //
 // Built and run by tests/test_ops_gather.py (g++ -std=c++17 -O1 -I csrc -I <cuda>/include);
-// prints "checked N rows, F failures" and exits non-zero on a failure.
+// prints "checked N rows, F failures" and exits non-zero on a failure. Add
+// -fsanitize=address,undefined to also check that no thread reads outside its row.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -58,9 +61,15 @@ long n_checked = 0, n_failed = 0;
 template <typename T, int U, int G>
 void check(const std::vector<float>& vals, int mis, const char* what) {
   const int64_t V = vals.size();
-  std::vector<unsigned char> buf((V + 16) * sizeof(T) + 32);
-  const uintptr_t p = (reinterpret_cast<uintptr_t>(buf.data()) + 15) / 16 * 16 + mis * sizeof(T);
-  T* src = reinterpret_cast<T*>(p);
+  // exactly the row's bytes after a 16-byte aligned start, so that -fsanitize=address flags any
+  // read past the end of the row
+  const std::unique_ptr<unsigned char, decltype(&std::free)> mem(
+      static_cast<unsigned char*>(std::malloc((mis + V) * sizeof(T))), &std::free);
+  if (reinterpret_cast<uintptr_t>(mem.get()) % 16 != 0) {
+    std::printf("malloc returned a pointer that is not 16-byte aligned\n");
+    std::exit(2);
+  }
+  T* src = reinterpret_cast<T*>(mem.get() + mis * sizeof(T));
   for (int64_t i = 0; i < V; ++i) src[i] = from_float<T>(vals[i]);
   bool bad = false, any_above_ninf = false;
   double m = -INFINITY;

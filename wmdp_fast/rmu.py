@@ -703,8 +703,9 @@ def _evaluate_dir(
             load_in_4bit=cfg.load_in_4bit,
             load_in_8bit=cfg.load_in_8bit,
             trust_remote_code=cfg.trust_remote_code,
+            progress=progress,
         )
-        tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code, progress=progress)
         res = evaluate(
             model,
             tok,
@@ -824,7 +825,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     # skeleton of the model (meta tensors, no memory): layers, parameters, control vectors,
     # attention types and the GPU memory preflight. Then --eval, then the real load.
     t0 = time.perf_counter()
-    tok = load_tokenizer(str(src_dir), trust_remote_code=cfg.trust_remote_code, use_fast=False)
+    tok = load_tokenizer(
+        str(src_dir), trust_remote_code=cfg.trust_remote_code, use_fast=False, progress=progress
+    )
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {src_dir} has no EOS token to pad with")
     tok.pad_token_id = tok.eos_token_id
@@ -899,7 +902,11 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     # load on the CPU; only the modules that run (embeddings, layers 0..layer_id) go to the device
     t0 = time.perf_counter()
     model = load_model(
-        str(src_dir), dtype=dtype, device="cpu", trust_remote_code=cfg.trust_remote_code
+        str(src_dir),
+        dtype=dtype,
+        device="cpu",
+        trust_remote_code=cfg.trust_remote_code,
+        progress=progress,
     )
     layers = get_decoder_layers(model)
     timings["load_s"] = time.perf_counter() - t0

@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="corpus_dir",
         default=None,
         help="offline corpora DIR/<name>.jsonl, one document per line (wikitext: the "
-        'wikitext-2-raw-v1 test lines as {"text": ...}); non-wikitext corpora are '
-        "read from ./data like the published script when omitted",
+        'wikitext-2-raw-v1 test lines as {"text": ...} in DIR/wikitext.jsonl if present, else '
+        "the hub); non-wikitext corpora are read from ./data like the published script when "
+        "omitted",
     )
     add.add_argument(
         "--corpus-mode",

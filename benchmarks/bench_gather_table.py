@@ -18,9 +18,10 @@ On the GPU the table also breaks the op down, for every row_stats kernel variant
 - "whole op": wmdp_fast.ops.gather_logprobs (Python argument checks included), wall clock with a
   synchronize before and after each call, as a caller sees it.
 - "raw _C": wmdp_fast._C.gather_logprobs, skipping the Python checks.
-- "row_stats": that kernel's own device time per call, from torch.profiler (n/a if the profiler
-  fails); "GPU ms" is all device work per raw call (memset, the three kernels, the 8-byte read
-  back), and "host ms" = raw _C - GPU ms, the launch and synchronisation overhead.
+- "row_stats": that kernel's own device time, the mean over 10 raw calls under torch.profiler
+  (n/a if the profiler fails); "GPU ms" is all device work per raw call (the fill of the row map,
+  the three kernels, the 8-byte read back), and "host ms" = raw _C - GPU ms, the launch and
+  synchronisation overhead. A "device ms per raw call" line per variant lists the kernels.
 - "max diff": max |loglik - eager| and, in brackets, how many is_greedy flags differ from eager.
 """
 

@@ -234,3 +234,33 @@ def test_tests_run_offline():
         assert os.environ.get(var) == "1"
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True
     assert datasets.config.HF_DATASETS_OFFLINE is True
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_load_model_num_layers_builds_and_reads_only_the_first_layers(tmp_path, arch, capfd):
+    """load_model(num_layers=n): layers 0..n-1 with the checkpoint's weights (their outputs equal
+    the full model's), the rest never built; no 'UNEXPECTED keys' report; n >= the model's
+    depth loads everything."""
+    from wmdp_fast.models import load_model
+    from wmdp_fast.testing import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "m", arch=arch, num_hidden_layers=4)
+    full = load_model(str(d), dtype="float32", device="cpu")
+    capfd.readouterr()
+    part = load_model(str(d), dtype="float32", device="cpu", num_layers=2)
+    assert len(part.model.layers) == 2 and part.config.num_hidden_layers == 2
+    assert "UNEXPECTED" not in capfd.readouterr().err  # transformers' handler writes to stderr
+    if getattr(full.config, "layer_types", None) is not None:
+        assert part.config.layer_types == full.config.layer_types[:2]
+    fsd = full.state_dict()
+    assert all(torch.equal(v, fsd[k]) for k, v in part.state_dict().items())
+    ids = torch.randint(0, 32000, (2, 9), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (full, part):
+        h = m.model.layers[1].register_forward_hook(lambda mod, i, o: outs.append(o))
+        with torch.no_grad():
+            m(input_ids=ids)
+        h.remove()
+    a, b = (o[0] if isinstance(o, tuple) else o for o in outs)
+    assert torch.equal(a, b)
+    assert len(load_model(str(d), dtype="float32", device="cpu", num_layers=9).model.layers) == 4

@@ -279,6 +279,8 @@ def test_parity_one_topic(tmp_path, arch):
         "model.layers.2.mlp.down_proj.weight",
     ]
     assert ref_losses[0][2] == 0.0 and result.report["losses"][0]["retain_loss"] == 0.0
+    # the engine built and read layers 0..layer_id only (the published loop: all 4)
+    assert result.report["layers_loaded"] == 3
     assert_parity(result, ref_params, ref_losses, model_dir)
 
 
@@ -296,6 +298,7 @@ def test_parity_qwen2_param_index_shift(tmp_path):
     ref_cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, param_ids=[9], max_num_batches=3)
     ref_params, ref_losses = published_rmu(model_dir, ref_cfg, cvs)
     assert set(ref_params) == {f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)}
+    assert result.report["layers_loaded"] == 3  # layer_types cut with num_hidden_layers
     assert_parity(result, ref_params, ref_losses, model_dir)
 
 

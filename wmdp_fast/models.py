@@ -163,6 +163,43 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
                 hf_logging.disable_progress_bar()
 
 
+def _truncation_overrides(name_or_path: str, n: int, trust_remote_code: bool) -> dict:
+    """Config overrides that make from_pretrained build only decoder layers 0..n-1."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {name_or_path!r}: {exc}") from exc
+    total = getattr(config, "num_hidden_layers", None)
+    if not isinstance(total, int) or n >= total:
+        return {}
+    if n < 1:
+        raise ConfigError(f"cannot load {n} decoder layers")
+    out: dict = {"num_hidden_layers": n}
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == total:
+        out["layer_types"] = list(layer_types[:n])
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_load_report(enabled: bool) -> Iterator[None]:
+    """Silence transformers' warnings for the block (the 'UNEXPECTED keys' load report that a
+    deliberately truncated load produces), restoring the previous verbosity."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(was)
+
+
 def _is_oom(exc: BaseException) -> bool:
     """CUDA (torch.cuda.OutOfMemoryError, = torch.OutOfMemoryError since torch 2.5) or CPU
     (MemoryError, the allocator's RuntimeError) out of memory."""
@@ -199,12 +236,18 @@ def load_model(
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    num_layers: int | None = None,
 ):
     """Load a Hugging Face causal LM (hub name or local directory) for inference.
 
     dtype 'auto' means bf16 on CUDA and float32 on the CPU. 4/8-bit loading uses bitsandbytes
     (the model is placed by transformers; `device` then only picks the GPU). progress=False
     hides transformers' 'Loading weights' bar. Returns the model in eval mode.
+
+    num_layers=n builds and loads only decoder layers 0..n-1 (the config's num_hidden_layers,
+    and layer_types when it has them, cut to n; the other layers' tensors are never read):
+    what RMU needs of a model whose layers above --layer_id are never run. The checkpoint on
+    disk is not changed; the model's config says n layers.
 
     Raises ModelError (missing folder, no config.json, unreadable checkpoint) and
     ResourceError (out of memory while loading or moving it to the device).
@@ -219,10 +262,12 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    if num_layers is not None:
+        kwargs.update(_truncation_overrides(name_or_path, num_layers, trust_remote_code))
     if not Path(name_or_path).exists():
         log.info("%s is not a local directory; trying the Hugging Face hub", name_or_path)
     try:
-        with _transformers_progress(progress):
+        with _transformers_progress(progress), _quiet_load_report(num_layers is not None):
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if qcfg is None:
             model.to(dev)

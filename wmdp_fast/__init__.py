@@ -30,7 +30,6 @@ def build_info() -> dict:
         triton_mode = "gpu" if cuda_ok else "interpreter-only (TRITON_INTERPRET=1)"
     except ImportError:
         triton_mode = "not installed"
-    op_names = ["gather_logprobs", "choice_logprobs", "rmu_mse", "rmu_loss", "pack_activations"]
     devices = ["cpu"] + (["cuda"] if cuda_ok else [])
     return {
         "wmdp_fast": __version__,
@@ -47,5 +46,5 @@ def build_info() -> dict:
         "C_cuda_compiled": bool(C is not None and C.with_cuda()),
         "C_error": _ext.load_error(),
         "triton": triton_mode,
-        "backends": {dev: {op: ops.backend_of(op, dev) for op in op_names} for dev in devices},
+        "backends": {dev: {op: ops.backend_of(op, dev) for op in ops.OPS} for dev in devices},
     }

@@ -7,15 +7,22 @@ Triton kernels (RMU losses, cache packing) when available, else the plain-PyTorc
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 
 from wmdp_fast import reference
-from wmdp_fast._ext import load_C
+from wmdp_fast._ext import load_C, load_error
 from wmdp_fast.errors import ConfigError, DataError, TrainingError
 
+log = logging.getLogger("wmdp_fast")
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GATHER_OPS = ("gather_logprobs", "choice_logprobs")
+TRITON_OPS = ("rmu_mse", "rmu_loss", "pack_activations", "unpack_activations")
+OPS = GATHER_OPS + TRITON_OPS
 
 
 def _check_gather_args(
@@ -89,10 +96,12 @@ def _check_gather_args(
 
 
 def backend_of(op: str, device: str | torch.device = "cpu") -> str:
-    """Which implementation `op` uses for tensors on `device`: 'c++', 'cuda', 'triton',
-    'triton-interpret' or 'reference'."""
+    """Which implementation `op` (one of `OPS`) uses for tensors on `device`: 'c++', 'cuda',
+    'triton', 'triton-interpret' or 'reference'. Pure: it never logs (see `_select_backend`)."""
+    if op not in OPS:
+        raise ConfigError(f"backend_of: unknown op {op!r}; expected one of {OPS}")
     dev = torch.device(device)
-    if op in ("gather_logprobs", "choice_logprobs"):
+    if op in GATHER_OPS:
         C = load_C()
         if C is None:
             return "reference"
@@ -105,8 +114,6 @@ def backend_of(op: str, device: str | torch.device = "cpu") -> str:
 def _triton_backend(dev: torch.device) -> str:
     """Backend of the Triton ops: CUDA tensors run Triton; CPU tensors run the reference unless
     WMDP_FAST_FORCE_TRITON=1 (then the kernels run under TRITON_INTERPRET=1)."""
-    import os
-
     if dev.type == "cuda":
         return "triton" if _triton_available() else "reference"
     if os.environ.get("WMDP_FAST_FORCE_TRITON") == "1":
@@ -114,12 +121,69 @@ def _triton_backend(dev: torch.device) -> str:
     return "reference"
 
 
+_triton_import: list[str | None] = []  # [None] or [the ImportError's text], after the first try
+
+
+def _triton_import_error() -> str | None:
+    """Why `import triton` fails (None when it works); tried once per process."""
+    if not _triton_import:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            _triton_import.append(f"{type(exc).__name__}: {exc}")
+        else:
+            _triton_import.append(None)
+    return _triton_import[0]
+
+
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _triton_import_error() is None
+
+
+# op families that have warned about running CUDA tensors on the reference ("gather", "triton")
+_cuda_fallback_warned: set[str] = set()
+
+
+def _select_backend(op: str, device: str | torch.device) -> str:
+    """`backend_of(op, device)`, and ONE warning per op family per process the first time a
+    CUDA tensor takes the reference path (the reference is correct there but slow and makes
+    float32 copies, which nobody should pay for without being told)."""
+    backend = backend_of(op, device)
+    if backend == "reference" and torch.device(device).type == "cuda":
+        family = "gather" if op in GATHER_OPS else "triton"
+        if family not in _cuda_fallback_warned:
+            _cuda_fallback_warned.add(family)
+            log.warning(_cuda_fallback_message(op, family))
+    return backend
+
+
+def _cuda_fallback_message(op: str, family: str) -> str:
+    if family == "gather":
+        if load_C() is not None:
+            why = "wmdp_fast._C was built without CUDA"
+        else:
+            why = f"the C++ extension wmdp_fast._C is {load_error()}"
+        if os.environ.get("WMDP_FAST_DISABLE_C") == "1":
+            fix = "unset WMDP_FAST_DISABLE_C"
+        else:
+            fix = (
+                "rebuild with CUDA (needs nvcc): "
+                "WMDP_FAST_CUDA=1 pip install --no-build-isolation -e ."
+            )
+        return (
+            f"wmdp_fast: {op} got CUDA logits but {why}, so gather_logprobs/choice_logprobs run "
+            "the plain-PyTorch reference on the GPU: a float32 copy of every scored row and a "
+            "float64 log-softmax over [M, V] (slow, and large at a 32k-150k vocabulary). To use "
+            f"the CUDA kernel, {fix}; wmdp_fast.build_info() shows what was compiled. (Warned "
+            "once per process.)"
+        )
+    return (
+        f"wmdp_fast: {op} got CUDA tensors but triton cannot be imported "
+        f"({_triton_import_error()}), so rmu_mse/rmu_loss/pack_activations/unpack_activations "
+        "run the plain-PyTorch reference on the GPU: float32 copies of the activations and an "
+        "unfused forward and backward. Install triton (pip install triton, the version your "
+        "torch build pins) to use the fused kernels. (Warned once per process.)"
+    )
 
 
 def gather_logprobs(
@@ -151,9 +215,8 @@ def gather_logprobs(
     n = request_offsets.numel() - 1
     if n == 0 or row_index.numel() == 0:
         return reference.gather_logprobs(logits, row_index, target, request_offsets)
-    C = load_C()
-    if C is not None and (logits.device.type == "cpu" or (logits.is_cuda and C.with_cuda())):
-        return C.gather_logprobs(logits, row_index, target, request_offsets)
+    if _select_backend("gather_logprobs", logits.device) != "reference":
+        return load_C().gather_logprobs(logits, row_index, target, request_offsets)
     rows = logits[torch.unique(row_index)].float()
     bad = ~torch.isfinite(rows.amax(dim=-1)) | torch.isnan(rows).any(dim=-1)
     if bool(bad.any()):
@@ -169,24 +232,47 @@ def choice_logprobs(logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.Ten
     """Log-probabilities of K single-token choices per row.
 
     Args:
-        logits: [N, V] float32/bfloat16/float16 (V contiguous).
-        choice_ids: int64 [N, K] (per row) or [K] (the same for every row).
+        logits: [N, V] float32/bfloat16/float16 (V contiguous; rows may be strided).
+        choice_ids: int64 [N, K] (per row) or [K] (the same for every row), each in [0, V).
 
     Returns: float32 [N, K], logits[n, c] - logsumexp(logits[n]).
+    Raises ConfigError (a ValueError) naming `logits` or `choice_ids` for malformed arguments,
+    RuntimeError for a scored row holding NaN/+inf or only -inf (as `gather_logprobs`).
     """
+    op = "choice_logprobs"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("choice_logprobs: logits must be a 2-D tensor [N, V]")
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"{op}: logits must be a 2-D tensor [N, V], got {got}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(
+            f"{op}: logits dtype must be float32, bfloat16 or float16, got {logits.dtype}"
+        )
+    N, V = logits.shape
+    if V > 0 and logits.stride(1) != 1:
+        raise ConfigError(
+            f"{op}: logits must have a contiguous last dimension (stride(1) == 1, got "
+            f"{logits.stride(1)}); rows may be strided. Pass logits.contiguous() or slice rows "
+            "only"
+        )
     if not isinstance(choice_ids, torch.Tensor) or choice_ids.dtype != torch.int64:
-        raise ValueError("choice_logprobs: choice_ids must be an int64 tensor [N, K] or [K]")
-    N = logits.shape[0]
+        got = choice_ids.dtype if isinstance(choice_ids, torch.Tensor) else type(choice_ids)
+        raise ConfigError(f"{op}: choice_ids must be an int64 tensor [N, K] or [K], got {got}")
     if choice_ids.dim() == 1:
         ids = choice_ids.to(logits.device)[None, :].expand(N, -1)
     elif choice_ids.dim() == 2 and choice_ids.shape[0] == N:
         ids = choice_ids.to(logits.device)
     else:
-        raise ValueError(
-            f"choice_logprobs: choice_ids must be [N={N}, K] or [K], got {tuple(choice_ids.shape)}"
+        raise ConfigError(
+            f"{op}: choice_ids must be [N={N}, K] or [K] (logits is {tuple(logits.shape)}), got "
+            f"{tuple(choice_ids.shape)}"
         )
+    if choice_ids.numel():
+        lo, hi = torch.stack([choice_ids.min(), choice_ids.max()]).tolist()  # one read
+        if lo < 0 or hi >= V:
+            raise ConfigError(
+                f"{op}: choice_ids out of range [0, {V}) (logits' last dimension): min {lo}, "
+                f"max {hi}; are they token ids of this model's tokenizer?"
+            )
     K = ids.shape[1]
     row_index = torch.arange(N, device=logits.device).repeat_interleave(K)
     offsets = torch.arange(N * K + 1, device=logits.device)
@@ -238,16 +324,31 @@ def _check_target(op: str, name: str, target, hname: str, hidden: torch.Tensor) 
             raise ConfigError(f"{op}: {name} has unknown packed format {target.fmt!r}")
         shape, device, dtype = target.shape, target.device, target.data.dtype
         want = torch.int8 if target.fmt == "int8" else torch.bfloat16
-        if dtype != want or (target.fmt == "int8") != (target.scale is not None):
+        sdt = None if target.scale is None else target.scale.dtype
+        if dtype != want or sdt != (torch.float32 if target.fmt == "int8" else None):
             raise ConfigError(
                 f"{op}: {name} is a malformed PackedActivations (fmt {target.fmt!r}, data "
-                f"{dtype}); build it with pack_activations()"
+                f"{dtype}, scale {sdt}); build it with pack_activations()"
             )
-        if target.scale is not None and tuple(target.scale.shape) != tuple(shape[:-1]):
-            raise ConfigError(
-                f"{op}: {name}.scale has shape {tuple(target.scale.shape)}, expected "
-                f"{tuple(shape[:-1])}"
-            )
+        if target.scale is not None:
+            if tuple(target.scale.shape) != tuple(shape[:-1]):
+                raise ConfigError(
+                    f"{op}: {name}.scale has shape {tuple(target.scale.shape)}, expected "
+                    f"{tuple(shape[:-1])}"
+                )
+            if target.scale.device != device:
+                raise ConfigError(
+                    f"{op}: {name}.scale is on {target.scale.device} but {name}.data is on "
+                    f"{device}; move the whole PackedActivations with {name}.to(device)"
+                )
+        for part in ("data", "scale"):
+            t = getattr(target, part)
+            if t is not None and t.requires_grad:
+                raise ConfigError(
+                    f"{op}: {name}.{part} requires grad, but the target is a constant (the "
+                    "frozen model's activations); build it with pack_activations(), which "
+                    "detaches"
+                )
     elif isinstance(target, torch.Tensor):
         shape, device = target.shape, target.device
         if target.dtype not in _FLOAT_DTYPES:
@@ -359,7 +460,7 @@ def rmu_mse(
     if check_finite:
         _check_finite(op, "hidden", hidden)
         _check_finite(op, "target", target)
-    backend = _triton_backend(hidden.device)
+    backend = _select_backend(op, hidden.device)
     if backend == "reference":
         return reference.rmu_mse(hidden, target, mask, scale)
     return _kernel_module("rmu_mse", backend).rmu_mse(hidden, target, mask, scale, count)
@@ -413,7 +514,7 @@ def rmu_loss(
             ("retain_target", retain_target),
         ):
             _check_finite(op, name, t)
-    backend = _triton_backend(h_forget.device)
+    backend = _select_backend(op, h_forget.device)
     if backend == "reference":
         return reference.rmu_loss(
             h_forget, control_vec, h_retain, retain_target, alpha, forget_mask, retain_mask
@@ -451,7 +552,7 @@ def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivatio
         raise ConfigError(f"{op}: fmt must be one of {PACK_FORMATS}, got {fmt!r}")
     if fmt == "bf16":
         return reference.pack_activations(hidden, fmt)
-    backend = _triton_backend(hidden.device)
+    backend = _select_backend(op, hidden.device)
     if backend == "reference":
         packed = reference.pack_activations(hidden, fmt)
     else:
@@ -476,8 +577,10 @@ def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = No
         raise ConfigError(
             f"unpack_activations: dtype must be float32, bfloat16 or float16, got {dtype}"
         )
-    backend = _triton_backend(packed.device)
-    if packed.fmt == "bf16" or backend == "reference":
+    if packed.fmt == "bf16":  # a cast: nothing to fuse
+        return reference.unpack_activations(packed, dtype)
+    backend = _select_backend("unpack_activations", packed.device)
+    if backend == "reference":
         return reference.unpack_activations(packed, dtype)
     return _kernel_module("pack", backend).unpack_int8(packed, dtype or packed.dtype)
 

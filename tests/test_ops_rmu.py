@@ -243,8 +243,12 @@ class _TinyLayers(torch.nn.Module):
         return x + self.b(torch.nn.functional.gelu(self.a(x)))
 
 
-def train_two_steps(loss_kind: str, dtype=torch.float32) -> list[torch.Tensor]:
-    """Two RMU steps on a tiny residual block (AdamW as published: eps 1e-6, no decay)."""
+def train_two_steps(
+    loss_kind: str, dtype=torch.float32, grad_fns: list | None = None
+) -> list[torch.Tensor]:
+    """Two RMU steps on a tiny residual block (AdamW as published: eps 1e-6, no decay).
+    `grad_fns`, if given, collects the type name of each step's loss.grad_fn (which backend
+    ran)."""
     torch.manual_seed(0)
     D = 32
     model = _TinyLayers(D).to(dtype)
@@ -262,6 +266,8 @@ def train_two_steps(loss_kind: str, dtype=torch.float32) -> list[torch.Tensor]:
             loss = F.mse_loss(hf, cv.expand_as(hf)) + 100.0 * F.mse_loss(hr, h0)
         else:
             loss = ops.rmu_loss(hf, cv, hr, h0, 100.0)[0]
+        if grad_fns is not None:
+            grad_fns.append(type(loss.grad_fn).__name__)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -269,7 +275,14 @@ def train_two_steps(loss_kind: str, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def test_training_step_through_rmu_loss_equals_mse_loss():
-    got, want = train_two_steps("fused"), train_two_steps("published")
+    """On the CPU ops.rmu_loss runs the reference twin, which IS F.mse_loss, so this only checks
+    the op layer (argument handling, the two terms' sum and alpha). The check that can fail on
+    the arithmetic is tests/test_kernels_rmu.py::test_training_step_through_kernels_equals_mse_loss
+    (the same two steps through the Triton kernels in the interpreter, and on a GPU
+    test_gpu_training_step)."""
+    grad_fns = []
+    got, want = train_two_steps("fused", grad_fns=grad_fns), train_two_steps("published")
+    assert grad_fns and all("RMULossFunction" not in n for n in grad_fns), grad_fns
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
@@ -316,6 +329,38 @@ def test_argument_errors_name_the_argument():
     _bad(lambda: ops.unpack_activations(h), ConfigError, "expected a PackedActivations")
     # without check_finite a NaN simply propagates (no hidden sync)
     assert torch.isnan(ops.rmu_mse(torch.where(hn.isnan(), hn, h), t))
+
+
+def test_packed_target_that_requires_grad_or_mixes_devices_is_refused():
+    """A PackedActivations is a constant like a tensor target: a bf16 `data` (or an int8
+    `scale`) that requires grad used to pass and the reference backpropagated into it; a
+    `scale` on another device than `data` was never compared."""
+    h = _rand(2, 3, 8)
+    t = _rand(2, 3, 8, seed=1)
+    bf = ops.pack_activations(t, "bf16")
+    i8 = ops.pack_activations(t, "int8")
+    P = reference.PackedActivations
+    leaky_bf = P(bf.data.clone().requires_grad_(True), None, "bf16", t.dtype)
+    leaky_i8 = P(i8.data, i8.scale.clone().requires_grad_(True), "int8", t.dtype)
+    _bad(lambda: ops.rmu_mse(h, leaky_bf), ConfigError, r"^rmu_mse: target\.data requires grad")
+    _bad(lambda: ops.rmu_mse(h, leaky_i8), ConfigError, r"^rmu_mse: target\.scale requires grad")
+    _bad(
+        lambda: ops.rmu_loss(h, torch.ones(8), h, leaky_bf, 2.0),
+        ConfigError,
+        r"^rmu_loss: retain_target\.data requires grad",
+    )
+    meta = P(i8.data, i8.scale.to("meta"), "int8", t.dtype)
+    _bad(
+        lambda: ops.rmu_mse(h, meta),
+        ConfigError,
+        r"target\.scale is on meta but target\.data is on cpu; .*\.to\(device\)",
+    )
+    half = P(i8.data, i8.scale.half(), "int8", t.dtype)
+    _bad(lambda: ops.rmu_mse(h, half), ConfigError, "malformed PackedActivations")
+    # the same objects, built as intended, are accepted and give the reference value
+    for p in (bf, i8):
+        want = reference.rmu_mse(h, reference.unpack_activations(p, torch.float32))
+        torch.testing.assert_close(ops.rmu_mse(h, p), want, **F32)
 
 
 def _f64_cases():

@@ -178,3 +178,25 @@ def test_build_info_lists_every_public_op():
     backends = wmdp_fast.build_info()["backends"]["cpu"]
     assert set(backends) == set(ops.OPS) and "unpack_activations" in backends
     assert backends == {op: ops.backend_of(op, "cpu") for op in ops.OPS}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_ops_run_their_kernels_without_fallback_warning(monkeypatch, caplog):
+    """On a GPU build every op has its CUDA/Triton backend and no call warns about the
+    reference. Run by gpu_check.sh's gpu-tests step."""
+    monkeypatch.setattr(ops, "_cuda_fallback_warned", set())
+    assert {op: ops.backend_of(op, "cuda") for op in ops.OPS} == {
+        **{op: "cuda" for op in ops.GATHER_OPS},
+        **{op: "triton" for op in ops.TRITON_OPS},
+    }
+    logits = torch.randn(4, 1000, device="cuda")
+    h = torch.randn(2, 3, 64, device="cuda", requires_grad=True)
+    t = torch.randn(2, 3, 64, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+        got = ops.choice_logprobs(logits, torch.tensor([1, 5, 999], device="cuda"))
+        ops.rmu_loss(h, t[0, 0], h, ops.pack_activations(t, "int8"), 3.0)[0].backward()
+        ops.unpack_activations(ops.pack_activations(t, "int8"))
+    assert _warnings(caplog) == []
+    want = reference.choice_logprobs(logits, torch.tensor([1, 5, 999], device="cuda"))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)

@@ -1,5 +1,12 @@
 // pybind11 bindings of wmdp_fast._C. Argument checking with readable messages happens in
-// wmdp_fast/ops.py; the TORCH_CHECKs in the kernels are the last line of defence.
+// wmdp_fast/ops.py; the checks here and in the kernels are the last line of defence, so that a
+// direct call of wmdp_fast._C raises instead of reading or writing outside the tensors:
+// - here, for every device: tensor kinds, dtypes, dimensions, devices and sizes (ValueError);
+// - in gather_logprobs_cpu.cpp: every row, target and offset value (range, monotonicity);
+// - on CUDA the VALUES are NOT checked (that would cost a device-to-host sync per call, and a
+//   throw from the nvcc-compiled file crashed the process): wmdp_fast.ops.gather_logprobs checks
+//   them with one sync before it calls _C; a direct CUDA call with out-of-range values is
+//   undefined behaviour (an illegal memory access, or garbage).
 #include <torch/extension.h>
 
 #include <cstdlib>
@@ -20,17 +27,43 @@ int gather_cuda_variant() {
   return v[0] - '0';
 }
 
+void check_index_tensor(const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(t.defined(), "gather_logprobs: ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kLong, "gather_logprobs: ", name,
+                    " must be a 1-D int64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == logits.device(), "gather_logprobs: ", name, " is on ",
+                    t.device(), " but logits is on ", logits.device());
+}
+
+void check_gather_args(const at::Tensor& logits, const at::Tensor& row_index,
+                       const at::Tensor& target, const at::Tensor& request_offsets) {
+  TORCH_CHECK_VALUE(logits.defined(), "gather_logprobs: logits is an undefined tensor");
+  const auto st = logits.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "gather_logprobs: logits dtype must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(logits.dim() == 2, "gather_logprobs: logits must be a 2-D tensor [R, V], got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) <= 1,
+                    "gather_logprobs: logits must have a contiguous last dimension (stride(1) == "
+                    "1), got strides ",
+                    logits.strides());
+  check_index_tensor("row_index", row_index, logits);
+  check_index_tensor("target", target, logits);
+  check_index_tensor("request_offsets", request_offsets, logits);
+  TORCH_CHECK_VALUE(row_index.numel() == target.numel(), "gather_logprobs: row_index (",
+                    row_index.numel(), ") and target (", target.numel(),
+                    ") must have the same length M");
+  TORCH_CHECK_VALUE(request_offsets.numel() >= 1,
+                    "gather_logprobs: request_offsets must hold N+1 >= 1 entries");
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_logprobs(const at::Tensor& logits, const at::Tensor& row_index,
                                                    const at::Tensor& target,
                                                    const at::Tensor& request_offsets) {
+  check_gather_args(logits, row_index, target, request_offsets);
   if (logits.is_cuda()) {
 #ifdef WMDP_FAST_WITH_CUDA
-    const auto st = logits.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-                "logits dtype must be float32, bfloat16 or float16, got ", st);
-    TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
-                "logits must be [R, V] with V contiguous");
-    TORCH_CHECK(logits.size(0) < INT32_MAX, "gather_logprobs (CUDA): at most 2^31-1 rows");
+    TORCH_CHECK_VALUE(logits.size(0) < INT32_MAX, "gather_logprobs (CUDA): at most 2^31-1 rows");
     const int variant = gather_cuda_variant();
     int64_t bad_row = -1;
     auto out = gather_logprobs_cuda(logits, row_index, target, request_offsets, variant, &bad_row);
@@ -41,6 +74,8 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs(const at::Tensor& logits, con
     TORCH_CHECK(false, "wmdp_fast._C was built without CUDA support");
 #endif
   }
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "gather_logprobs: logits on ", logits.device(),
+                    " are not supported by wmdp_fast._C (CPU, or CUDA when built with it)");
   return gather_logprobs_cpu(logits, row_index, target, request_offsets);
 }
 

@@ -9,7 +9,9 @@
 // A row holding NaN or +inf, or only -inf, gets lse = NaN (the caller reports it).
 std::tuple<at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& logits, const at::Tensor& rows);
 
-// Full op on CPU: loglik float32 [N], is_greedy bool [N].
+// Full op on CPU: loglik float32 [N], is_greedy bool [N]. Checks every row / target / offset
+// value (ValueError) and raises a RuntimeError naming the SMALLEST bad row id, whatever the order
+// of row_index (the CUDA path names the same row). Shapes and dtypes: checked in bindings.cpp.
 std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
                                                        const at::Tensor& row_index,
                                                        const at::Tensor& target,

@@ -4,7 +4,9 @@
 // stack buffer (so bf16/fp16 are read directly and no [R, V] float32 copy exists). Per chunk:
 // max, first argmax, NaN/+inf detection, and sum(exp(x - running_max)) with an online
 // rescale (the usual streaming log-sum-exp). The exp is a polynomial the compiler vectorises;
-// gcc builds an AVX2+FMA clone and a baseline clone and picks one at run time.
+// gcc builds an x86-64-v3 clone (AVX2 and FMA together) and a baseline clone and picks one at
+// load time. (target_clones("avx2,fma", ...) would make SEPARATE avx2-only and fma-only clones:
+// each comma-separated option is its own clone.)
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -20,8 +22,11 @@ namespace {
 
 constexpr int64_t CHUNK = 2048;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define WMDP_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define WMDP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// gcc < 12 does not take x86-64-v3 here; haswell is the same AVX2 + FMA level
+#define WMDP_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define WMDP_CLONES
 #endif
@@ -156,9 +161,22 @@ void row_stats_impl(const at::Tensor& logits, const int64_t* rows, int64_t U, fl
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& logits, const at::Tensor& rows) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [R, V] with V contiguous");
+  TORCH_CHECK_VALUE(logits.device().is_cpu() && rows.device().is_cpu(),
+                    "row_stats_cpu: logits and rows must be CPU tensors");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) <= 1),
+                    "row_stats_cpu: logits must be [R, V] with V contiguous, got ", logits.sizes(),
+                    " with strides ", logits.strides());
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.scalar_type() == at::kLong,
+                    "row_stats_cpu: rows must be a 1-D int64 tensor, got ", rows.scalar_type(), " ",
+                    rows.sizes());
   auto rows_c = rows.contiguous();
   const int64_t U = rows_c.numel();
+  const int64_t R = logits.size(0);
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t r = rows_c.const_data_ptr<int64_t>()[u];
+    TORCH_CHECK_VALUE(r >= 0 && r < R, "row_stats_cpu: rows[", u, "] = ", r, " is out of range [0, ",
+                      R, ")");
+  }
   auto lse = at::empty({U}, logits.options().dtype(at::kFloat));
   auto amax = at::empty({U}, logits.options().dtype(at::kLong));
   const int64_t* r = rows_c.const_data_ptr<int64_t>();
@@ -189,8 +207,12 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
                                                        const at::Tensor& row_index,
                                                        const at::Tensor& target,
                                                        const at::Tensor& request_offsets) {
+  // bindings.cpp has checked devices, dtypes and shapes; the values are checked here, in the
+  // loops over M and N+1 that read them anyway (an out-of-range value would read or write
+  // outside the tensors).
   TORCH_CHECK(logits.device().is_cpu(), "gather_logprobs_cpu: logits must be on the CPU");
   const int64_t R = logits.size(0);
+  const int64_t V = logits.size(1);
   const int64_t M = row_index.numel();
   const int64_t N = request_offsets.numel() - 1;
   auto ri = row_index.contiguous();
@@ -199,25 +221,39 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
   const int64_t* rip = ri.const_data_ptr<int64_t>();
   const int64_t* tgp = tg.const_data_ptr<int64_t>();
   const int64_t* offp = off.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(offp[0] == 0 && offp[N] == M, "gather_logprobs: request_offsets must start at 0 ",
+                    "and end at M=", M, ", got ", offp[0], "..", offp[N]);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(offp[n + 1] >= offp[n], "gather_logprobs: request_offsets must be ",
+                      "non-decreasing (entry ", n + 1, " < entry ", n, ")");
+  }
 
   // Distinct rows, each computed once: slot[r] = position of row r in `rows`, or -1.
   std::vector<int64_t> slot(R, -1);
   std::vector<int64_t> rows;
   rows.reserve(M);
   for (int64_t i = 0; i < M; ++i) {
-    if (slot[rip[i]] < 0) {
-      slot[rip[i]] = static_cast<int64_t>(rows.size());
-      rows.push_back(rip[i]);
+    const int64_t r = rip[i], t = tgp[i];
+    TORCH_CHECK_VALUE(r >= 0 && r < R, "gather_logprobs: row_index[", i, "] = ", r,
+                      " is out of range [0, ", R, ")");
+    TORCH_CHECK_VALUE(t >= 0 && t < V, "gather_logprobs: target[", i, "] = ", t,
+                      " is out of range [0, ", V, ")");
+    if (slot[r] < 0) {
+      slot[r] = static_cast<int64_t>(rows.size());
+      rows.push_back(r);
     }
   }
   auto rows_t = at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong);
   auto [lse, amax] = row_stats_cpu(logits, rows_t);
   const float* lsep = lse.const_data_ptr<float>();
   const int64_t* amp = amax.const_data_ptr<int64_t>();
+  // The smallest bad row id is named, whatever the order of row_index (as the CUDA path does).
+  int64_t bad_row = -1;
   for (size_t u = 0; u < rows.size(); ++u) {
-    TORCH_CHECK(!std::isnan(lsep[u]), "logits row ", rows[u],
-                " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
+    if (std::isnan(lsep[u]) && (bad_row < 0 || rows[u] < bad_row)) bad_row = rows[u];
   }
+  TORCH_CHECK(bad_row < 0, "logits row ", bad_row,
+              " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
 
   auto loglik = at::empty({N}, logits.options().dtype(at::kFloat));
   auto greedy = at::empty({N}, logits.options().dtype(at::kBool));

@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_strided_rows_from_3d_logits(dtype, device):
     assert torch.equal(g, rg)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_extreme_logits(dtype, device):
     torch.manual_seed(3)
     V = 32000
@@ -143,9 +144,9 @@ def test_tie_rule_first_index_wins(device):
     logits[0, 10] = 5.0
     logits[0, 20] = 5.0  # tied with 10
     logits[1, 3000] = 2.0
-    logits[1, 2500] = 2.0  # tied, earlier index, in another chunk of the CPU kernel
+    logits[1, 1500] = 2.0  # tied, earlier index, in the chunk before (CPU chunks: 2048 elements)
     row_index = torch.tensor([0, 0, 1, 1], device=device)
-    target = torch.tensor([10, 20, 2500, 3000], device=device)
+    target = torch.tensor([10, 20, 1500, 3000], device=device)
     offsets = torch.arange(5, device=device)
     ll, g = ops.gather_logprobs(logits, row_index, target, offsets)
     assert g.tolist() == [True, False, True, False]
@@ -184,6 +185,18 @@ def test_empty_inputs_return_empty():
     assert ops.choice_logprobs(torch.randn(0, 100), torch.tensor([1, 2])).shape == (0, 2)
 
 
+def test_requests_without_pairs(device):
+    """N > 0 requests but M = 0 pairs: every request is empty, log-likelihood 0, greedy."""
+    logits = torch.randn(3, 100, device=device)
+    e = torch.zeros(0, dtype=torch.long, device=device)
+    offsets = torch.zeros(4, dtype=torch.long, device=device)
+    ll, g = ops.gather_logprobs(logits, e, e, offsets)
+    assert ll.dtype == torch.float32 and ll.device == logits.device
+    assert ll.tolist() == [0.0, 0.0, 0.0] and g.tolist() == [True, True, True]
+    rl, rg = reference.gather_logprobs(logits.cpu(), e.cpu(), e.cpu(), offsets.cpu())
+    assert torch.equal(ll.cpu(), rl) and torch.equal(g.cpu(), rg)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -196,6 +209,16 @@ def test_empty_inputs_return_empty():
         (lambda L: (L[0], L[1], L[2] + 1000, L[3]), r"target id out of range \[0, 1000\)"),
         (lambda L: (L[0], L[1], L[2], torch.tensor([0, 3, 2, 4])), "non-decreasing"),
         (lambda L: (L[0], L[1], L[2], torch.tensor([0, 2, 3])), "end at M=4"),
+        (lambda L: (L[0], L[1] - 1, L[2], L[3]), r"row_index out of range \[0, 4\): min -1"),
+        (lambda L: (L[0], L[1], L[2] - 2, L[3]), r"target id out of range \[0, 1000\): min -1"),
+        (lambda L: (L[0], L[1], L[2], torch.tensor([1, 2, 3, 4, 4])), "start at 0"),
+        (lambda L: (L[0], L[1], L[2].int(), L[3]), "target must be a 1-D int64"),
+        (lambda L: (L[0], L[1], L[2], L[3].int()), "request_offsets must be a 1-D int64"),
+        (lambda L: (L[0], L[1][None], L[2], L[3]), "row_index must be a 1-D int64"),
+        (lambda L: (L[0].tolist(), L[1], L[2], L[3]), "logits must be a 2-D tensor"),
+        (lambda L: (L[0], [0, 1, 2, 3], L[2], L[3]), "row_index must be a 1-D int64 tensor"),
+        (lambda L: (L[0], L[1], (1, 2, 3, 4), L[3]), "target must be a 1-D int64 tensor"),
+        (lambda L: (L[0], L[1], L[2], 4), "request_offsets must be a 1-D int64 tensor"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, match):
@@ -207,6 +230,36 @@ def test_bad_arguments_name_the_argument(make, match):
     )
     with pytest.raises(ValueError, match=match):
         ops.gather_logprobs(*make(L))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["row_index", "target", "request_offsets"])
+def test_device_mismatch_names_the_argument(which):
+    args = {
+        "logits": torch.randn(4, 1000, device="cuda"),
+        "row_index": torch.tensor([0, 1, 2, 3], device="cuda"),
+        "target": torch.tensor([1, 2, 3, 4], device="cuda"),
+        "request_offsets": torch.arange(5, device="cuda"),
+    }
+    args[which] = args[which].cpu()
+    with pytest.raises(ValueError, match=f"{which} is on cpu but logits is on cuda"):
+        ops.gather_logprobs(**args)
+    args = {k: v.cpu() for k, v in args.items()}
+    args[which] = args[which].cuda()
+    with pytest.raises(ValueError, match=f"{which} is on cuda:0 but logits is on cpu"):
+        ops.gather_logprobs(**args)
+
+
+def test_smallest_bad_row_is_named(device):
+    """Rows 3 and 1 both bad, row 3 asked for first: every path names row 1 (CUDA finds it with
+    atomicMin, the CPU kernel takes the minimum, the fallback checks sorted rows)."""
+    logits = torch.randn(5, 3000)
+    logits[3, 10] = float("nan")
+    logits[1] = float("-inf")
+    logits = logits.to(device)
+    args = [torch.tensor(v, device=device) for v in ([3, 0, 1], [1, 1, 1], [0, 1, 2, 3])]
+    with pytest.raises(RuntimeError, match="logits row 1 contains"):
+        ops.gather_logprobs(logits, *args)
 
 
 @pytest.mark.parametrize("poison", ["nan", "allneginf", "posinf"])
@@ -455,3 +508,126 @@ def test_cuda_extension_compiled_and_used():
     info = build_info()
     assert info["C_cuda_compiled"], "wmdp_fast._C was built without CUDA"
     assert info["backends"]["cuda"]["gather_logprobs"] == "cuda"
+
+
+def test_fallback_when_the_extension_does_not_import(monkeypatch, caplog):
+    """wmdp_fast._C missing (sys.modules entry None makes its import fail, as a failed build
+    would): one warning naming the reason, reference backend, same values, and the bad-row error
+    names the smallest bad row like the compiled paths."""
+    import wmdp_fast
+
+    monkeypatch.delenv("WMDP_FAST_DISABLE_C", raising=False)
+    monkeypatch.setitem(sys.modules, "wmdp_fast._C", None)
+    monkeypatch.delattr(wmdp_fast, "_C", raising=False)  # `from wmdp_fast import _C` reads it
+    _ext._reset_for_tests()
+    try:
+        with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+            assert _ext.load_C() is None
+            assert ops.backend_of("gather_logprobs", "cpu") == "reference"
+            torch.manual_seed(6)
+            logits = torch.randn(6, 5000)
+            ri, tg, off = _random_requests(6, 5000, 9, seed=6)
+            ll, g = ops.gather_logprobs(logits, ri, tg, off)
+        assert "not available" in _ext.load_error()
+        warnings = [r for r in caplog.records if "wmdp_fast._C is not available" in r.getMessage()]
+        assert len(warnings) == 1
+        tl, tgr = _truth(logits, ri, tg, off)
+        torch.testing.assert_close(ll.double(), tl, atol=2e-5, rtol=1e-6)
+        assert torch.equal(g, tgr)
+        logits[4, 0] = float("nan")
+        logits[2] = float("-inf")
+        with pytest.raises(RuntimeError, match="logits row 2 contains"):
+            ops.gather_logprobs(logits, torch.tensor([4, 2]), torch.tensor([1, 1]), torch.arange(3))
+    finally:
+        _ext._reset_for_tests()
+
+
+# Direct calls of the compiled op with bad arguments, each of which read or wrote outside the
+# tensors (segfault) or misread int32 as int64 before bindings.cpp and the CPU kernel checked
+# them. Run in a subprocess: a crash there fails this test instead of killing pytest. Each case
+# prints "start" first, so the last line names a case that crashed.
+RAW_PROBE = r"""
+import re, sys, torch
+from wmdp_fast import _C
+
+L = torch.randn(4, 100)
+ri, tg, off = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.arange(5)
+T = torch.tensor
+cases = [
+    ("row past R", (L, T([0, 1, 2, 4]), tg, off), ValueError, r"row_index\[3\] = 4 is out of range \[0, 4\)"),
+    ("row far past R", (L, T([0, 10**12, 2, 3]), tg, off), ValueError, r"row_index\[1\] = 1000000000000 is out"),
+    ("negative row", (L, T([0, 1, -1, 3]), tg, off), ValueError, r"row_index\[2\] = -1 is out of range"),
+    ("target past V", (L, ri, T([1, 100, 3, 4]), off), ValueError, r"target\[1\] = 100 is out of range \[0, 100\)"),
+    ("negative target", (L, ri, T([1, 2, 3, -5]), off), ValueError, r"target\[3\] = -5 is out of range"),
+    ("offsets past M", (L, ri, tg, T([0, 1, 2, 3, 10])), ValueError, r"start at 0 and end at M=4, got 0\.\.10"),
+    ("offset past M inside", (L, ri, tg, T([0, 1, 9, 3, 4])), ValueError, r"non-decreasing \(entry 3 < entry 2\)"),
+    ("offsets not from 0", (L, ri, tg, T([1, 2, 3, 4])), ValueError, r"start at 0 and end at M=4, got 1\.\.4"),
+    ("offsets decreasing", (L, ri, tg, T([0, 3, 2, 4])), ValueError, r"non-decreasing \(entry 2 < entry 1\)"),
+    ("negative offset", (L, ri, tg, T([0, -3, 4])), ValueError, r"non-decreasing"),
+    ("no offsets", (L, ri, tg, T([], dtype=torch.long)), ValueError, r"N\+1 >= 1 entries"),
+    ("int32 row_index", (L, ri.int(), tg, off), ValueError, r"row_index must be a 1-D int64 tensor, got Int"),
+    ("int32 target", (L, ri, tg.int(), off), ValueError, r"target must be a 1-D int64 tensor"),
+    ("int32 offsets", (L, ri, tg, off.int()), ValueError, r"request_offsets must be a 1-D int64 tensor"),
+    ("float row_index", (L, ri.float(), tg, off), ValueError, r"row_index must be a 1-D int64"),
+    ("2-D row_index", (L, ri[None], tg, off), ValueError, r"row_index must be a 1-D int64 tensor, got Long of shape \[1, 4\]"),
+    ("length mismatch", (L, ri, tg[:3], off), ValueError, r"row_index \(4\) and target \(3\) must have the same length"),
+    ("int logits", (L.long(), ri, tg, off), ValueError, r"logits dtype must be float32, bfloat16 or float16"),
+    ("1-D logits", (L[0], ri, tg, off), ValueError, r"logits must be a 2-D tensor"),
+    ("3-D logits", (L[None], ri, tg, off), ValueError, r"logits must be a 2-D tensor"),
+    ("strided V", (L.t(), ri, tg, off), ValueError, r"contiguous last dimension"),
+    ("meta logits", (L.to("meta"), ri.to("meta"), tg.to("meta"), off.to("meta")), ValueError, r"not supported"),
+    ("not tensors", ([[1.0]], [0], [0], [0, 1]), TypeError, r"incompatible function arguments"),
+]
+bad = L.clone()
+bad[3, 7] = float("nan")
+bad[1] = float("-inf")
+cases.append(("smallest bad row", (bad, T([3, 1, 0]), T([1, 1, 1]), T([0, 2, 3])), RuntimeError, r"logits row 1 contains"))
+failed = 0
+for name, args, exc, pattern in cases:
+    print("start", name, flush=True)
+    try:
+        _C.gather_logprobs(*args)
+        print("NO ERROR", name, flush=True)
+        failed += 1
+    except Exception as e:
+        if not isinstance(e, exc) or not re.search(pattern, str(e)):
+            print("WRONG", name, type(e).__name__, str(e)[:300], flush=True)
+            failed += 1
+for name, rows, pattern in [
+    ("row_stats row past R", T([0, 4]), r"rows\[1\] = 4 is out of range \[0, 4\)"),
+    ("row_stats negative row", T([-1]), r"rows\[0\] = -1 is out of range"),
+    ("row_stats int32 rows", T([0, 1], dtype=torch.int32), r"rows must be a 1-D int64 tensor"),
+]:
+    print("start", name, flush=True)
+    try:
+        _C.row_stats_cpu(L, rows)
+        print("NO ERROR", name, flush=True)
+        failed += 1
+    except ValueError as e:
+        if not re.search(pattern, str(e)):
+            print("WRONG", name, str(e)[:300], flush=True)
+            failed += 1
+# still correct on good input, and with N > 0 requests but no pairs
+ll, g = _C.gather_logprobs(L, ri, tg, off)
+ref = torch.log_softmax(L.double(), -1)[ri, tg]
+assert torch.allclose(ll.double(), ref, atol=1e-5), (ll, ref)
+e = torch.zeros(0, dtype=torch.long)
+ll, g = _C.gather_logprobs(L, e, e, torch.zeros(3, dtype=torch.long))
+assert ll.tolist() == [0.0, 0.0] and g.tolist() == [True, True], (ll, g)
+print("done", failed, "failed", flush=True)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_raw_extension_raises_instead_of_crashing():
+    C = _ext.load_C()
+    if C is None:
+        pytest.skip(f"wmdp_fast._C not built: {_ext.load_error()}")
+    res = subprocess.run(
+        [sys.executable, "-c", RAW_PROBE], capture_output=True, text=True, timeout=120
+    )
+    out = res.stdout + res.stderr[-2000:]
+    assert res.returncode == 0 and "done 0 failed" in res.stdout, (
+        f"exit code {res.returncode} (negative: killed by that signal; the last 'start' line "
+        f"names the case):\n{out[-4000:]}"
+    )

@@ -631,3 +631,23 @@ def test_raw_extension_raises_instead_of_crashing():
         f"exit code {res.returncode} (negative: killed by that signal; the last 'start' line "
         f"names the case):\n{out[-4000:]}"
     )
+
+
+@pytest.mark.gpu
+def test_raw_cuda_call_checks_kinds_devices_and_sizes():
+    """bindings.cpp's checks run before any CUDA launch (the VALUES are not checked on the
+    device: wmdp_fast.ops does that)."""
+    C = _ext.load_C()
+    L = torch.randn(4, 100, device="cuda")
+    ri, tg, off = (t.cuda() for t in (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.arange(3)))
+    for args, match in [
+        ((L, ri.int(), tg, off), "row_index must be a 1-D int64 tensor"),
+        ((L, ri, tg.cpu(), off), "target is on cpu but logits is on cuda"),
+        ((L, ri, tg[:1], off), "must have the same length M"),
+        ((L.t(), ri, tg, off), "contiguous last dimension"),
+        ((L, ri, tg, off[:0]), "N\\+1 >= 1 entries"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            C.gather_logprobs(*args)
+    ll, _ = C.gather_logprobs(L, ri, tg, off)  # and the context is still usable
+    torch.testing.assert_close(ll, torch.log_softmax(L, -1)[ri, tg], atol=1e-5, rtol=1e-6)

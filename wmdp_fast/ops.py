@@ -209,7 +209,8 @@ def gather_logprobs(
 
     Each distinct row's log-sum-exp and argmax is computed once, in one streaming pass over V.
     Raises ValueError for malformed arguments and RuntimeError for a row containing NaN/+inf or
-    only -inf.
+    only -inf (naming the smallest such row id, on every device). The raw `wmdp_fast._C` call
+    checks argument values on the CPU only; on CUDA this function checks them first.
     """
     _check_gather_args(logits, row_index, target, request_offsets)
     n = request_offsets.numel() - 1

@@ -264,3 +264,75 @@ def test_load_model_num_layers_builds_and_reads_only_the_first_layers(tmp_path, 
     a, b = (o[0] if isinstance(o, tuple) else o for o in outs)
     assert torch.equal(a, b)
     assert len(load_model(str(d), dtype="float32", device="cpu", num_layers=9).model.layers) == 4
+
+
+class _RecordingSlice:
+    def __init__(self, key, sl, read):
+        self._key, self._sl, self._read = key, sl, read
+
+    def __getitem__(self, idx):
+        self._read.append(self._key)
+        return self._sl[idx]
+
+    def __getattr__(self, name):
+        return getattr(self._sl, name)
+
+
+def test_truncated_load_reads_no_tensor_of_the_dropped_layers(tmp_path, monkeypatch):
+    """load_model(num_layers=n) never reads a tensor of layers >= n (every safetensors access
+    of transformers' loader is recorded)."""
+    import sys
+
+    import safetensors
+
+    from wmdp_fast.models import load_model
+    from wmdp_fast.testing import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "m", arch="mistral", num_hidden_layers=5)
+    orig = safetensors.safe_open
+    read: list[str] = []
+
+    class Recording:
+        def __init__(self, *a, **kw):
+            self._f = orig(*a, **kw)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *a):
+            return self._f.__exit__(*a)
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self._f.get_tensor(k)
+
+        def get_slice(self, k):  # lazy: the bytes are read when it is indexed
+            return _RecordingSlice(k, self._f.get_slice(k), read)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    import transformers.modeling_utils  # noqa: F401 - the loader modules must be imported
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and getattr(mod, "safe_open", None) is orig:
+            monkeypatch.setattr(mod, "safe_open", Recording)
+    load_model(str(d), dtype="float32", device="cpu", num_layers=2, progress=False)
+    assert read, "the recorder saw no tensor access: transformers' loader changed"
+    layers = {int(k.split(".")[2]) for k in read if k.startswith("model.layers.")}
+    assert layers == {0, 1}, sorted(set(read))
+
+
+def test_truncated_load_refuses_missing_tensors(tmp_path):
+    """The truncated load silences transformers' load report (the dropped layers' tensors are
+    'unexpected'), so a tensor missing from the checkpoint (which would be random) is an error."""
+    from wmdp_fast.models import load_model
+    from wmdp_fast.testing import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "m", arch="mistral", num_hidden_layers=4)
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="model.layers.1.mlp.down_proj.weight"):
+        load_model(str(d), dtype="float32", device="cpu", num_layers=3, progress=False)

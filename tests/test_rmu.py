@@ -345,20 +345,101 @@ def test_resume_fingerprint_follows_control_vector_contents(tmp_path):
     assert cfg.training_fingerprint() != before
 
 
-def test_resume_refuses_changed_weights_or_data(tmp_path, tiny):
+@pytest.mark.parametrize("change", ["all_weights", "trained_layer_only", "corpus_text"])
+def test_resume_refuses_changed_weights_or_data(tmp_path, change):
     """The flags name the model and corpora by path only: a checkpoint is refused when the
-    weights (here: other random weights saved at the same path) or the data changed."""
-    _, corpus = tiny
+    weights (all of them, or only a replayed layer's, which the cache key does not cover) or
+    the corpus text changed; restored, it resumes."""
+    from safetensors.torch import load_file, save_file
+    from test_rmu_parity import write_corpora
+
+    corpus = write_corpora(tmp_path / "corpora")
     model_dir = make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=0)
     cfg = tiny_cfg(tmp_path / "run", model_dir, corpus, max_num_batches=4, checkpoint_every=1)
     with pytest.raises(TrainingError):
         run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
-    make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=1)
+    weights = Path(model_dir) / "model.safetensors"
+    original, text = weights.read_bytes(), (Path(corpus) / "wikitext.jsonl").read_text()
+    if change == "all_weights":
+        make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=1)
+    elif change == "trained_layer_only":  # layer 1 = min(layer_ids): replayed, not cached
+        sd = load_file(str(weights))
+        sd["model.layers.1.self_attn.q_proj.weight"] *= 1.01
+        save_file(sd, str(weights), metadata={"format": "pt"})
+    else:
+        lines = text.splitlines()
+        lines[0] = json.dumps({"text": json.loads(lines[0])["text"] + " changed"})
+        (Path(corpus) / "wikitext.jsonl").write_text("\n".join(lines) + "\n")
     cfg.resume = True
-    with pytest.raises(ConfigError, match="other model weights"):
+    with pytest.raises(ConfigError, match="other model weights, tokenizer or data"):
         run_rmu(cfg, progress=False)
-    make_tiny_model(tmp_path / "model", arch="mistral", num_hidden_layers=3, seed=0)
+    weights.write_bytes(original)
+    (Path(corpus) / "wikitext.jsonl").write_text(text)
     assert run_rmu(cfg, progress=False).report["resumed_from_step"] == 1
+
+
+def test_resume_of_a_checkpoint_without_inputs_fingerprint_says_so(tmp_path, tiny):
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4, checkpoint_every=1)
+    with pytest.raises(TrainingError):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    state_file = tmp_path / ".out.rmu-checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["inputs_fingerprint"]  # as an older wmdp_fast wrote it
+    state_file.write_text(json.dumps(state))
+    cfg.resume = True
+    with pytest.raises(ConfigError, match="older wmdp_fast"):
+        run_rmu(cfg, progress=False)
+
+
+def test_cache_key_does_not_depend_on_layer_id(tmp_path, tiny):
+    """The inputs of layer min(layer_ids) do not depend on --layer_id: with the model loaded
+    up to layer_id only, runs with another --layer_id still hit the disk cache."""
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=2, layer_ids=[1], cache_dir=str(tmp_path / "cache"))
+    a = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, layer_id=1, **kw), progress=False)
+    b = run_rmu(tiny_cfg(tmp_path / "b", model_dir, corpus, layer_id=2, **kw), progress=False)
+    assert a.report["layers_loaded"] == 2 and b.report["layers_loaded"] == 3
+    assert not a.report["cache"]["hit"] and b.report["cache"]["hit"]
+
+
+def test_ctrl_c_during_a_periodic_checkpoint_writes_it_once(tmp_path, tiny, monkeypatch):
+    import os
+    import signal
+
+    import wmdp_fast.rmu as rmu
+
+    model_dir, corpus = tiny
+    orig, calls = rmu._save_checkpoint, []
+
+    def save(ckpt, step, *a, **kw):
+        calls.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the periodic save writes
+        return orig(ckpt, step, *a, **kw)
+
+    monkeypatch.setattr(rmu, "_save_checkpoint", save)
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=5, checkpoint_every=2)
+    with pytest.raises(TrainingError, match="interrupted after 2 of"):
+        run_rmu(cfg, progress=False)
+    assert calls == [2]
+
+
+def test_failed_cache_write_warns_and_trains_on(tmp_path, tiny, monkeypatch, caplog):
+    """safetensors reports a write error (full disk) as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    import wmdp_fast.cache
+
+    def full_disk(*a, **kw):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(wmdp_fast.cache, "save_cache", full_disk)
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2, cache_dir=str(tmp_path / "c"))
+    with caplog.at_level("WARNING", logger="wmdp_fast"):
+        res = run_rmu(cfg, progress=False)
+    assert len(res.report["losses"]) == 2 and "No space left" in caplog.text
 
 
 def test_cache_miss_tokenizes_each_batch_once(tmp_path, tiny, monkeypatch):

@@ -139,6 +139,12 @@ def model_prefix_fingerprint(model, first: int) -> str:
     h = _h()
     cfg = model.config.to_dict()
     cfg.pop("_name_or_path", None)
+    # the inputs of layer `first` do not depend on the layers above it: the depth (and the types
+    # of the layers above) stay out of the key, so a model loaded with only layers 0..layer_id
+    # and runs with another --layer_id share the cache
+    cfg.pop("num_hidden_layers", None)
+    if isinstance(cfg.get("layer_types"), list):
+        cfg["layer_types"] = cfg["layer_types"][: first + 1]
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     layers = get_decoder_layers(model)
     skip = {id(p) for i in range(first, len(layers)) for p in layers[i].parameters()}

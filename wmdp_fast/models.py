@@ -183,6 +183,36 @@ def _truncation_overrides(name_or_path: str, n: int, trust_remote_code: bool) ->
     return out
 
 
+def _check_truncated_load(name_or_path: str, info: dict, n: int) -> None:
+    """After a load cut to n decoder layers: missing or mismatched tensors are an error (they
+    would be random); unexpected ones other than those of the dropped layers are logged."""
+    import re
+
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        what = (f"missing {missing[:8]}" if missing else "") + (
+            f" mismatched {mismatched[:8]}" if mismatched else ""
+        )
+        raise ModelError(
+            f"the checkpoint {name_or_path!r} lacks tensors the model needs ({what.strip()}); "
+            "they would be randomly initialised: check the checkpoint files"
+        )
+    dropped = re.compile(r"(^|\.)layers\.(\d+)\.")
+    other = [
+        k
+        for k in sorted(info.get("unexpected_keys") or [])
+        if not ((m := dropped.search(k)) and int(m.group(2)) >= n)
+    ]
+    if other:
+        log.warning(
+            "%s: %d checkpoint tensors are not used by the model: %s",
+            name_or_path,
+            len(other),
+            ", ".join(other[:8]),
+        )
+
+
 @contextlib.contextmanager
 def _quiet_load_report(enabled: bool) -> Iterator[None]:
     """Silence transformers' warnings for the block (the 'UNEXPECTED keys' load report that a
@@ -262,13 +292,24 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    truncated = False
     if num_layers is not None:
-        kwargs.update(_truncation_overrides(name_or_path, num_layers, trust_remote_code))
+        overrides = _truncation_overrides(name_or_path, num_layers, trust_remote_code)
+        kwargs.update(overrides)
+        truncated = bool(overrides)
     if not Path(name_or_path).exists():
         log.info("%s is not a local directory; trying the Hugging Face hub", name_or_path)
     try:
-        with _transformers_progress(progress), _quiet_load_report(num_layers is not None):
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with _transformers_progress(progress), _quiet_load_report(truncated):
+            if truncated:
+                # the 'UNEXPECTED keys' of the dropped layers are expected, so transformers'
+                # load report is silenced: check what it would have said about the rest here
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, output_loading_info=True, **kwargs
+                )
+                _check_truncated_load(name_or_path, info, kwargs["num_hidden_layers"])
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if qcfg is None:
             model.to(dev)
     except Exception as exc:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from wmdp_fast.atomic import atomic_path, atomic_write_text, make_temp_dir, set_new_file_mode
 from wmdp_fast.errors import (
@@ -939,6 +940,11 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             "dtype": str(dtype),
         }
     )
+    if resume_state is not None and "inputs_fingerprint" not in resume_state[0]:
+        raise ConfigError(
+            f"--resume: the checkpoint in {ckpt} was written by an older wmdp_fast that did not "
+            "record the model weights and data it trained on; rerun without --resume"
+        )
     if resume_state is not None and resume_state[0].get("inputs_fingerprint") != inputs_fp:
         raise ConfigError(
             f"--resume: the checkpoint in {ckpt} was written for other model weights, tokenizer "
@@ -981,7 +987,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         if cfg.cache_dir:
             try:
                 cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
-            except OSError as exc:  # the disk copy is an optimisation: train on without it
+            except (OSError, SafetensorError) as exc:  # an optimisation: train on without it
                 log.warning(
                     "could not write the activation cache to --cache-dir %s (%s); continuing "
                     "without saving it",
@@ -1080,12 +1086,23 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             "(press Ctrl-C again to abort without one)"
         )
 
-    def save(step: int) -> None:
+    saved = {"step": None}
+
+    def save(step: int, periodic: bool) -> None:
+        if saved["step"] == step:  # e.g. Ctrl-C during the periodic checkpoint of this step
+            return
         interrupt["saving"] = True
         try:
             _save_checkpoint(ckpt, step, trainer, losses, fingerprint, inputs_fp)
+        except (OSError, SafetensorError) as exc:
+            msg = f"could not write the checkpoint after step {step} to {ckpt}: {exc}"
+            if not periodic:
+                raise TrainingError(msg) from exc
+            log.warning("%s; training goes on (an interruption would lose these steps)", msg)
+            return
         finally:
             interrupt["saving"] = False
+        saved["step"] = step
 
     old_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -1104,12 +1121,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 flush()
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < num_batches:
                 flush()
-                save(done)
+                save(done, periodic=True)
             if interrupt["requested"]:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         flush(callbacks=False)
-        save(done)
+        save(done, periodic=False)
         raise TrainingError(
             f"interrupted after {done} of {num_batches} steps; checkpoint saved to {ckpt}: rerun "
             f"{rerun} to finish"

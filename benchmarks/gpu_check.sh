@@ -16,6 +16,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the image has no mistral_common: tests and benchmarks that make tiny models take the real
+# Mistral tokenizer from the copy make_gpu_site.sh saved (wmdp_fast.testing looks here)
+[ -f .gpu/tok/tokenizer.model ] && export WMDP_FAST_MISTRAL_TOKENIZER="$PWD/.gpu/tok/tokenizer.model"
 # The device tool kills a command after at most 600 s: the steps share a budget (default 560 s),
 # each step's limit is cut to what is left, steps that no longer fit are skipped and listed, and
 # every finished step's row goes to $OUT/summary.md at once, so a killed run still reports.

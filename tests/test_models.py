@@ -336,3 +336,25 @@ def test_truncated_load_refuses_missing_tensors(tmp_path):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelError, match="model.layers.1.mlp.down_proj.weight"):
         load_model(str(d), dtype="float32", device="cpu", num_layers=3, progress=False)
+
+
+def test_mistral_tokenizer_without_mistral_common(tmp_path, monkeypatch):
+    """The lent GPU machines lack mistral_common: the tokenizer then comes from a saved copy
+    ($WMDP_FAST_MISTRAL_TOKENIZER, a file or a folder), and the same tokens come out."""
+    import sys
+
+    from wmdp_fast.testing import mistral_tokenizer_file, save_mistral_tokenizer
+
+    real = save_mistral_tokenizer(tmp_path / "real")
+    monkeypatch.setitem(sys.modules, "mistral_common", None)  # import fails
+    monkeypatch.setenv("WMDP_FAST_MISTRAL_TOKENIZER", str(tmp_path / "real"))
+    assert mistral_tokenizer_file() == tmp_path / "real" / "tokenizer.model"
+    copy = save_mistral_tokenizer(tmp_path / "copy")
+    text = "RMU: représentation misdirection, 7B."
+    assert copy(text)["input_ids"] == real(text)["input_ids"]
+    monkeypatch.setenv("WMDP_FAST_MISTRAL_TOKENIZER", str(tmp_path / "nowhere"))
+    import wmdp_fast.testing
+
+    monkeypatch.setattr(wmdp_fast.testing, "__file__", str(tmp_path / "pkg" / "testing.py"))
+    with pytest.raises(ImportError, match="WMDP_FAST_MISTRAL_TOKENIZER"):
+        mistral_tokenizer_file()

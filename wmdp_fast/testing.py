@@ -8,6 +8,7 @@ code (`wmdp_fast.models.load_model`) is what reads them.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,11 +16,25 @@ import torch
 
 
 def mistral_tokenizer_file() -> Path:
-    """Path of the Mistral v1 SentencePiece model inside the mistral_common wheel."""
+    """Path of the Mistral v1 SentencePiece model: inside the mistral_common wheel; without it
+    (the lent GPU machines lack it), a saved copy: $WMDP_FAST_MISTRAL_TOKENIZER (the .model
+    file or a folder holding tokenizer.model), else .gpu/tok/tokenizer.model in the repository
+    (made by benchmarks/make_gpu_site.sh)."""
     try:
         import mistral_common
-    except ImportError as exc:  # pragma: no cover - dev dependency
-        raise ImportError("the real Mistral tokenizer needs `pip install mistral_common`") from exc
+    except ImportError as exc:
+        env = os.environ.get("WMDP_FAST_MISTRAL_TOKENIZER")
+        candidates = [Path(env)] if env else []
+        candidates.append(Path(__file__).resolve().parent.parent / ".gpu" / "tok")
+        for c in candidates:
+            f = c / "tokenizer.model" if c.is_dir() else c
+            if f.is_file():
+                return f
+        raise ImportError(
+            "the real Mistral tokenizer needs `pip install mistral_common`, or a saved copy: set "
+            "WMDP_FAST_MISTRAL_TOKENIZER to its tokenizer.model (benchmarks/make_gpu_site.sh "
+            "writes one to .gpu/tok)"
+        ) from exc
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():  # pragma: no cover
         raise FileNotFoundError(f"{path} missing from the mistral_common wheel")

@@ -53,7 +53,9 @@ fi
 want info && step info 60 python -m wmdp_fast.info
 # in order of what the open issues most need measured: correctness first, then the benchmarks
 # never run on a GPU (RMU and eval engines), then the kernel benchmarks measured before
-want gpu-tests && step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors
+# pytest-xdist is in the image: 4 workers share the GPU and compile the Triton kernels in parallel
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+want gpu-tests && step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors $XDIST
 want bench-gather && step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --rows 16384 --dtypes bfloat16,float32
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # the GPU image has no mistral_common: the tokenizer travels in .gpu/tok

@@ -284,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--overwrite", action="store_true", help="replace an existing non-empty --output_dir"
     )
-    add.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    add.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="allow model code from the hub (off by default)",
+    )
     add.add_argument(
         "--quiet", action="store_true", help="no per-step log lines and no progress bars"
     )

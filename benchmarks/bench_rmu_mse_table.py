@@ -8,6 +8,10 @@ Providers (the same loss, forward + backward w.r.t. hidden, hidden and target in
               with the float32 casts some forks add)
   fused       ops.rmu_mse(hidden, target) then .backward()  (Triton on CUDA; on the CPU this is
               the reference twin, so CPU numbers only show the overhead of the op layer)
+  fused-ff    the same with WMDP_FAST_RMU_MSE_FUSED_FINISH=1 (opt-in: the finish kernel fused
+              into the main kernel's last program, one launch fewer); a line per shape says
+              whether its loss and gradient are bitwise the "fused" ones. If it fails, its row
+              says so and the table goes on.
   fused-int8  ops.rmu_mse(hidden, pack_activations(target, "int8")) then .backward()
   copy_       dst.copy_(src) with src = as many bytes as the fused op moves at that shape
               (read hidden + target, write the gradient), counted read + write: the
@@ -33,9 +37,13 @@ slower than either; correctness only).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +53,22 @@ from wmdp_fast import ops
 GPU_SHAPES = [(4, 512, 4096), (4, 768, 4096), (8, 2048, 8192)]
 CPU_SHAPES = [(4, 128, 1024), (4, 192, 1024), (8, 256, 2048)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FF_ENV = "WMDP_FAST_RMU_MSE_FUSED_FINISH"
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    """Sets environment variables for the duration (restoring the previous values)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _bench_cpu(fn, reps: int) -> tuple[float, float, float]:
@@ -123,12 +147,14 @@ def bench_shape(B, T, D, device, dtype, reps: int, target_kind: str) -> list:
     else:
         t = torch.randn(B, T, D, generator=gen).to(device=device, dtype=dtype)
     packed = ops.pack_activations(t, "int8")
-    providers = {
-        "eager": (lambda: F.mse_loss(h.float(), t.float().expand(B, T, D)), t),
-        "fused": (lambda: ops.rmu_mse(h, t), t),
+    off, on = {FF_ENV: "0"}, {FF_ENV: "1"}
+    providers = {  # name: (loss function, target, environment while it runs)
+        "eager": (lambda: F.mse_loss(h.float(), t.float().expand(B, T, D)), t, off),
+        "fused": (lambda: ops.rmu_mse(h, t), t, off),
+        "fused-ff": (lambda: ops.rmu_mse(h, t), t, on),
     }
     if target_kind != "cv":
-        providers["fused-int8"] = (lambda: ops.rmu_mse(h, packed), packed)
+        providers["fused-int8"] = (lambda: ops.rmu_mse(h, packed), packed, off)
 
     def step_of(loss_fn):
         def step():
@@ -143,13 +169,49 @@ def bench_shape(B, T, D, device, dtype, reps: int, target_kind: str) -> list:
     # the copy first, on the same card and in the same run: the same bytes as the fused op
     copy = copy_row(traffic(t) // 2, device, dtype, reps)
     rows = [(*copy[:6], 100.0, None)]
-    for name, (loss_fn, tgt) in providers.items():
+    for name, (loss_fn, tgt, env) in providers.items():
         step = step_of(loss_fn)
-        med, lo, hi, graph = _time(step, device, reps, [h])
-        peak = _peak_extra_mb(step, device, h)
+        try:
+            with _env(env):
+                med, lo, hi, graph = _time(step, device, reps, [h])
+                peak = _peak_extra_mb(step, device, h)
+        except Exception as exc:  # noqa: BLE001 - one failing provider must not end the table
+            traceback.print_exc(file=sys.stderr)
+            msg = " ".join(str(exc).split())[:100]
+            nan = math.nan
+            rows.append(
+                (f"{name} ERROR {type(exc).__name__}: {msg}", nan, nan, nan, None, nan, nan, None)
+            )
+            continue
         gbs = traffic(tgt) / ((graph or med) * 1e-3) / 1e9
         rows.append((name, med, lo, hi, graph, gbs, 100.0 * gbs / copy[5], peak))
     return rows
+
+
+def ff_identity(B, T, D, device, dtype, target_kind: str) -> str:
+    """Whether the fused finish gives bitwise the default path's loss and gradient here."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(B, T, D, generator=gen).to(device=device, dtype=dtype)
+    shape = (1, 1, D) if target_kind == "cv" else (B, T, D)
+    t = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    try:
+        res = []
+        for value in ("0", "1"):
+            x = h.clone().requires_grad_(True)
+            with _env({FF_ENV: value}):
+                loss = ops.rmu_mse(x, t)
+                loss.backward()
+            res.append((loss.detach(), x.grad))
+        (l0, g0), (l1, g1) = res
+        rel = abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30)
+        return (
+            f"fused-ff vs fused at ({B}, {T}, {D}): loss bitwise equal "
+            f"{'yes' if torch.equal(l0, l1) else 'NO'} (relative difference {rel:.2e}), "
+            f"gradient bitwise equal {'yes' if torch.equal(g0, g1) else 'NO'}"
+        )
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        msg = " ".join(str(exc).split())[:200]
+        return f"fused-ff vs fused at ({B}, {T}, {D}): ERROR {type(exc).__name__}: {msg}"
 
 
 def run(device: torch.device, dtype: torch.dtype, shapes, reps: int, target_kind: str) -> list:
@@ -195,6 +257,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     rows = run(device, DTYPES[args.dtype], shapes, args.reps, args.target)
+    identity = [ff_identity(B, T, D, device, DTYPES[args.dtype], args.target) for B, T, D in shapes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     backend = ops.backend_of("rmu_mse", device)
     print(
@@ -222,16 +285,23 @@ def main(argv=None) -> int:
     for col, label in ((4, "median"), (7, "GPU-only (CUDA graph)")):
         by = {(r[0], r[1], r[2], r[3]): r[col] for r in rows}
         for B, T, D in shapes:
-            e, f = by.get((B, T, D, "eager")), by.get((B, T, D, "fused"))
-            if e and f:
-                print(f"speed-up fused vs eager at ({B}, {T}, {D}), {label}: {e / f:.2f}x")
+            e = by.get((B, T, D, "eager"))
+            for prov in ("fused", "fused-ff"):
+                f = by.get((B, T, D, prov))
+                if e and f and math.isfinite(f):
+                    print(f"speed-up {prov} vs eager at ({B}, {T}, {D}), {label}: {e / f:.2f}x")
+            f, ff = by.get((B, T, D, "fused")), by.get((B, T, D, "fused-ff"))
+            if f and ff and math.isfinite(f) and math.isfinite(ff):
+                print(f"fused-ff vs fused at ({B}, {T}, {D}), {label}: {f / ff:.3f}x")
     timing = "GPU-only" if device.type == "cuda" else "median"
     for B, T, D, prov, *_, gbs, pct, _peak in rows:
-        if prov == "fused":
+        if prov in ("fused", "fused-ff"):
             print(
-                f"fused at ({B}, {T}, {D}): {gbs:.1f} GB/s = {pct:.0f}% of the copy bandwidth "
+                f"{prov} at ({B}, {T}, {D}): {gbs:.1f} GB/s = {pct:.0f}% of the copy bandwidth "
                 f"measured in this run ({timing} times; target on the GPU: 80%)"
             )
+    for line in identity:
+        print(line)
     return 0
 
 

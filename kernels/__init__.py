@@ -9,6 +9,10 @@ Triton's interpreter on CPU tensors. `triton.jit` decides between the compiler a
 interpreter when a kernel is DEFINED (it reads TRITON_INTERPRET at decoration time), so the
 interpreted copy is made by executing the module's source again with TRITON_INTERPRET=1; the
 compiled module is untouched, and both can be used in one process.
+
+`compile_for(kernel, *args, arch=90, **kwargs)` compiles a kernel of the compiled module for a
+CUDA target without a GPU (specialised as a launch with these arguments would be), to read its
+PTX and TTGIR.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import threading
@@ -26,6 +31,7 @@ _launch_lock = threading.RLock()
 _interpreted: dict[str, ModuleType] = {}
 _shadows: dict = {}
 _triton_imported = False
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -75,10 +81,39 @@ def interpreter_launch():
     with _launch_lock, interpret_env():
         original = JITFunction.__call__
         JITFunction.__call__ = call
+        saved = _language_attrs()
         try:
             yield
         finally:
             JITFunction.__call__ = original
+            _restore_language_attrs(saved)
+
+
+def _language_objects() -> list:
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.math, tl.core.tensor]
+    descriptor = getattr(tl.core, "tensor_descriptor_base", None)  # not in older triton
+    return objects + ([descriptor] if descriptor is not None else [])
+
+
+def _language_attrs() -> list:
+    return [(obj, dict(vars(obj))) for obj in _language_objects()]
+
+
+def _restore_language_attrs(saved: list) -> None:
+    """Undoes what the interpreter patched into triton.language: a call from an interpreted
+    kernel into a @triton.jit helper (InterpretedFunction.__call__, triton 3.9) replaces
+    tl.tensor's methods and tl's builtins with interpreter versions and never restores them, so
+    a kernel compiled for the GPU later in the same process failed to compile ('block_argument'
+    object has no attribute 'dtype')."""
+    for obj, attrs in saved:
+        added = [n for n, v in vars(obj).items() if n not in attrs and not inspect.ismodule(v)]
+        for name in added:  # (a submodule imported meanwhile stays)
+            delattr(obj, name)
+        for name, value in attrs.items():
+            if vars(obj).get(name, _MISSING) is not value:
+                setattr(obj, name, value)
 
 
 def load(name: str, interpret: bool = False) -> ModuleType:
@@ -98,3 +133,28 @@ def load(name: str, interpret: bool = False) -> ModuleType:
                 spec.loader.exec_module(mod)
             _interpreted[name] = mod
         return mod
+
+
+def compile_for(kernel, *args, arch: int = 90, **kwargs):
+    """`kernel` (a @triton.jit function of a compiled module, see `load`) compiled for CUDA
+    compute capability `arch` as a launch `kernel[grid](*args, **kwargs)` would compile it (same
+    argument specialisation: 16-byte aligned pointers, ints divisible by 16 or equal to 1,
+    options such as num_warps). Needs no GPU: tensors may be CPU tensors (only their dtype and
+    data_ptr alignment matter). Returns triton's CompiledKernel; `.asm["ptx"]`, `.asm["ttgir"]`
+    hold the code. Uses triton's launch internals (triton 3.x: JITFunction._pack_args and
+    runtime.jit.create_function_from_signature)."""
+    _import_triton_compiled()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)

@@ -21,12 +21,19 @@ leave 0 / 0 = NaN for the next one) and second-order gradients flow. `rmu_loss` 
 forget and retain terms in ONE stage-1 launch (programs [0, N_f) take the forget rows, the
 rest the retain rows) and one stage-2 launch.
 
+Opt-in "fused finish" (WMDP_FAST_RMU_MSE_FUSED_FINISH=1, read at every call; default 0): no
+stage-2 launch. Each stage-1 program stores its partial and takes a ticket from a per-device
+int32 counter; the program that draws the last ticket runs stage 2's code (the same fixed
+order) and puts the counter back to 0 for the next launch. See `_last_program_finishes` for why
+this is correct on the GPU and `_ticket_counter` for the counter's rules (one stream at a time).
+
 Use these through `wmdp_fast.ops` (argument checks live there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -34,11 +41,16 @@ import triton
 import triton.language as tl
 
 from wmdp_fast import reference
+from wmdp_fast.errors import ConfigError
 from wmdp_fast.reference import PackedActivations
+
+log = logging.getLogger("wmdp_fast")
 
 MAX_BLOCK_D = 2048
 FINISH_BLOCK = 4096
 RESCALE_BLOCK = 4096
+FINISH_WARPS = 8
+FUSED_FINISH_ENV = "WMDP_FAST_RMU_MSE_FUSED_FINISH"
 # triton.jit picked the interpreter for this module's kernels iff TRITON_INTERPRET was set when
 # it was imported (kernels.load sets it for the interpreted copy).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -217,14 +229,136 @@ def _rmu_loss_kernel(
 
 
 @triton.jit
-def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr):
+def _rmu_mse_ff_kernel(
+    part_ptr,
+    cnt_ptr,
+    out_ptr,
+    n_rows,
+    loss_mul,
+    h_ptr,
+    h_sb,
+    h_st,
+    h_sd,
+    t_ptr,
+    t_sb,
+    t_st,
+    t_sd,
+    s_ptr,
+    s_sb,
+    s_st,
+    m_ptr,
+    m_sb,
+    m_st,
+    g_ptr,
+    T,
+    D,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    TARGET_INT8: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
+    """_rmu_mse_kernel with the finish fused in (see _last_program_finishes); grid (n_rows,)."""
+    row = tl.program_id(0)
+    s = _mse_row(
+        row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
+        m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
+        HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
+    )  # fmt: skip
+    _last_program_finishes(
+        part_ptr, s, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr, FINISH_BLOCK
+    )
+
+
+@triton.jit
+def _rmu_loss_ff_kernel(
+    part_ptr,
+    cnt_ptr,
+    out_ptr,
+    n_total,
+    f_loss_mul,
+    r_loss_mul,
+    n_forget,
+    fh_ptr,
+    fh_sb,
+    fh_st,
+    fh_sd,
+    ft_ptr,
+    ft_sb,
+    ft_st,
+    ft_sd,
+    fs_ptr,
+    fs_sb,
+    fs_st,
+    fm_ptr,
+    fm_sb,
+    fm_st,
+    fg_ptr,
+    fT,
+    fD,
+    f_grad_scale,
+    rh_ptr,
+    rh_sb,
+    rh_st,
+    rh_sd,
+    rt_ptr,
+    rt_sb,
+    rt_st,
+    rt_sd,
+    rs_ptr,
+    rs_sb,
+    rs_st,
+    rm_ptr,
+    rm_sb,
+    rm_st,
+    rg_ptr,
+    rT,
+    rD,
+    r_grad_scale,
+    F_HAS_MASK: tl.constexpr,
+    F_TARGET_INT8: tl.constexpr,
+    F_WRITE_GRAD: tl.constexpr,
+    F_MANUAL_BF16: tl.constexpr,
+    R_HAS_MASK: tl.constexpr,
+    R_TARGET_INT8: tl.constexpr,
+    R_WRITE_GRAD: tl.constexpr,
+    R_MANUAL_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
+    """_rmu_loss_kernel with the finish fused in (see _last_program_finishes); grid (n_total,)."""
+    pid = tl.program_id(0)
+    if pid < n_forget:
+        s = _mse_row(
+            pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
+            fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
+            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, BLOCK_D,
+        )  # fmt: skip
+    else:
+        s = _mse_row(
+            pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
+            rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
+            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
+        )  # fmt: skip
+    _last_program_finishes(
+        part_ptr, s, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul, out_ptr, FINISH_BLOCK
+    )
+
+
+@triton.jit
+def _sum_partials(
+    part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr, CACHE: tl.constexpr
+):
     """out = [a + b, a, b] with a = mul_a * sum(part[:n_a]), b = mul_b * sum(part[n_a:]),
-    summed in a fixed order by one program."""
+    summed in a fixed order by one program (the finish kernel's body, and the fused finish's:
+    one copy of the code, so both sum in the same order). CACHE: the partials' load modifier."""
     acc_a = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_total, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        v = tl.load(part_ptr + idx, mask=idx < n_total, other=0.0)
+        v = tl.load(part_ptr + idx, mask=idx < n_total, other=0.0, cache_modifier=CACHE)
         acc_a += tl.where(idx < n_a, v, 0.0)
         acc_b += tl.where(idx >= n_a, v, 0.0)
     a = tl.sum(acc_a, axis=0) * mul_a
@@ -232,6 +366,56 @@ def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.cons
     tl.store(out_ptr, a + b)
     tl.store(out_ptr + 1, a)
     tl.store(out_ptr + 2, b)
+
+
+@triton.jit
+def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr):
+    """Stage 2 as its own one-program launch (the default)."""
+    _sum_partials(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK, "")
+
+
+@triton.jit
+def _last_program_finishes(
+    part_ptr, s, cnt_ptr, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK: tl.constexpr
+):
+    """Fused finish: store this program's partial, take a ticket; the last program (ticket
+    n_total - 1) runs stage 2 and resets the counter.
+
+    The single-pass "last block" reduction of NVIDIA's cuda-samples threadFenceReduction
+    (reduceSinglePass: __threadfence, atomicInc ticket, the last block sums, resets the count)
+    and of the CUDA Programming Guide's memory-fence example, written with Triton's ordered
+    atomics as torch inductor's triton_helpers.x_grid_barrier does (debug_barrier, then
+    atomic_add with sem=release; acquire on the reading side). Why the last program sees every
+    partial (PTX ISA, memory consistency model):
+    - a scalar store and a scalar atomic_add are each done by one thread of the program (in
+      triton 3.9's sm_90 code both by thread 0; the ticket reaches the other threads through
+      shared memory and a bar.sync); the debug_barrier (bar.sync) between them orders the
+      partial's store before the ticket whichever thread stored it (causality order includes
+      CTA barriers);
+    - atomic_add(sem="acq_rel", scope="gpu") is a gpu-scope release: the store is visible
+      gpu-wide no later than the counter's new value (cumulative release);
+    - all tickets are RMWs of one location, so every earlier program's release precedes the
+      last ticket in observation order (RMW chain), and the last program's acquire then
+      synchronizes with each of them;
+    - after the acquire, a second debug_barrier makes it cover all threads of the last
+      program, and the partials are loaded with .cg (L2, not the SM's non-coherent L1), so no
+      stale line can be read even if the compiler or hardware acquire did not invalidate L1.
+    On sm_90 this compiles to MEMBAR.ALL.GPU; ATOMG.E.ADD.STRONG.GPU; CCTL.IVALL (L1
+    invalidated) and LDG.E.128.STRONG.GPU partial loads (tests/test_kernels_rmu.py checks the
+    PTX). The membar costs each program the wait for its own stores; whether that is less than
+    the launch it saves is what the benchmark's fused-ff row measures.
+    The reset is a plain store: every other program has already taken its ticket, and the next
+    launch on the stream starts after this one ends. Programs run in any order on the GPU; the
+    sum does not depend on which one is last (it reads part[0..n_total) in a fixed order).
+    """
+    pid = tl.program_id(0)
+    tl.store(part_ptr + pid, s)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_total - 1:
+        tl.debug_barrier()
+        _sum_partials(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK, ".cg")
+        tl.store(cnt_ptr, 0)
 
 
 @triton.jit
@@ -361,9 +545,66 @@ class _Term:
 def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> torch.Tensor:
     out = torch.empty(3, dtype=torch.float32, device=partials.device)
     _finish_kernel[(1,)](
-        partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK, num_warps=8
-    )
+        partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK,
+        num_warps=FINISH_WARPS,
+    )  # fmt: skip
     return out
+
+
+def fused_finish_enabled() -> bool:
+    """WMDP_FAST_RMU_MSE_FUSED_FINISH: 1 = fused finish, 0 or unset = the finish kernel."""
+    value = os.environ.get(FUSED_FINISH_ENV, "0").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ConfigError(
+        f"{FUSED_FINISH_ENV}={value!r}: expected 1 (stage 2 fused into the main kernel's last "
+        "program) or 0 / unset (the default: a separate one-program finish kernel)"
+    )
+
+
+_counters: dict[tuple, torch.Tensor] = {}  # (device type, index) -> int32 [1], zero between uses
+_counter_streams: dict[tuple, torch.cuda.Stream] = {}  # the stream of the latest eager use
+_capture_warned: set[tuple] = set()
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor | None:
+    """The fused finish's ticket counter for `device` (int32 [1], 0 between launches: the last
+    program puts it back), or None when this call must use the finish kernel instead.
+
+    One counter per device, zeroed once when first needed (a per-call zeroed counter would cost
+    the memset launch the fused finish saves), as torch inductor's per-graph semaphores are.
+    Two launches that use it at the same time would mix their tickets, so uses are kept in
+    order: a call on another CUDA stream than the previous one first makes its stream wait for
+    that stream (a device-side wait, no host sync). Not covered, and the caller's to avoid:
+    replaying a CUDA graph that holds the op while another call (or graph) using it runs on
+    another stream. While a stream is capturing a CUDA graph and no counter exists yet, None:
+    allocating it then would put it in the graph's private memory pool (call the op once
+    before capturing, as one does anyway to compile the kernels)."""
+    key = (device.type, device.index)
+    counter = _counters.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if counter is None:
+        if capturing:
+            if key not in _capture_warned:
+                _capture_warned.add(key)
+                log.warning(
+                    "%s=1: no ticket counter exists yet for %s and the stream is capturing a "
+                    "CUDA graph, so this call uses the separate finish kernel; call the op "
+                    "once before capturing to get the fused finish in the graph",
+                    FUSED_FINISH_ENV,
+                    device,
+                )
+            return None
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    if device.type == "cuda" and not capturing:
+        stream = torch.cuda.current_stream(device)
+        last = _counter_streams.get(key)
+        if last is not None and last != stream:
+            stream.wait_stream(last)
+        _counter_streams[key] = stream
+    return counter
 
 
 def mse_forward(hidden, target, mask, scale, count, write_grad):
@@ -376,11 +617,19 @@ def term_forward(term: _Term):
     hidden, write_grad = term.hidden, term.write_grad
     block, num_warps = block_settings(term.D)
     partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
+    counter = _ticket_counter(hidden.device) if fused_finish_enabled() else None
     with _launch_ctx():
-        _rmu_mse_kernel[(term.n_rows,)](
-            partials, *term.args(), *term.flags(), BLOCK_D=block, num_warps=num_warps
-        )
-        out = _finish(partials, term.n_rows, term.loss_mul, 0.0)
+        if counter is None:
+            _rmu_mse_kernel[(term.n_rows,)](
+                partials, *term.args(), *term.flags(), BLOCK_D=block, num_warps=num_warps
+            )
+            out = _finish(partials, term.n_rows, term.loss_mul, 0.0)
+        else:
+            out = torch.empty(3, dtype=torch.float32, device=hidden.device)
+            _rmu_mse_ff_kernel[(term.n_rows,)](
+                partials, counter, out, term.n_rows, term.loss_mul, *term.args(), *term.flags(),
+                BLOCK_D=block, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+            )  # fmt: skip
     return out[1], (term.grad if write_grad else None)
 
 
@@ -388,13 +637,23 @@ def loss_forward(fterm: _Term, rterm: _Term):
     """Both RMU terms in one stage-1 launch: (out [total, forget, retain], grad_f, grad_r)."""
     block, num_warps = block_settings(max(fterm.D, rterm.D))
     n = fterm.n_rows + rterm.n_rows
-    partials = torch.empty(n, dtype=torch.float32, device=fterm.hidden.device)
+    device = fterm.hidden.device
+    partials = torch.empty(n, dtype=torch.float32, device=device)
+    counter = _ticket_counter(device) if fused_finish_enabled() else None
     with _launch_ctx():
-        _rmu_loss_kernel[(n,)](
-            partials, fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(),
-            *rterm.flags(), BLOCK_D=block, num_warps=num_warps,
-        )  # fmt: skip
-        out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul)
+        if counter is None:
+            _rmu_loss_kernel[(n,)](
+                partials, fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(),
+                *rterm.flags(), BLOCK_D=block, num_warps=num_warps,
+            )  # fmt: skip
+            out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul)
+        else:
+            out = torch.empty(3, dtype=torch.float32, device=device)
+            _rmu_loss_ff_kernel[(n,)](
+                partials, counter, out, n, fterm.loss_mul, rterm.loss_mul, fterm.n_rows,
+                *fterm.args(), *rterm.args(), *fterm.flags(), *rterm.flags(),
+                BLOCK_D=block, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+            )  # fmt: skip
     return out, fterm.grad, rterm.grad
 
 

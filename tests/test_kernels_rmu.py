@@ -12,6 +12,7 @@ one rounding each side, plus one more when grad_output != 1 rescales the stored 
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -520,6 +521,186 @@ def test_interpreter_when_triton_interpret_is_set_at_start(tmp_path):
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+# --- fused finish (opt-in, WMDP_FAST_RMU_MSE_FUSED_FINISH=1) ----------------------------------
+
+FF_ENV = "WMDP_FAST_RMU_MSE_FUSED_FINISH"
+
+
+def _kernel_module(device):
+    from wmdp_fast.kernels import load
+
+    return load("rmu_mse", interpret=device == "cpu")
+
+
+def _counter(device) -> int:
+    """The fused finish's ticket counter value for `device` ('cpu' or 'cuda')."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _kernel_module(device)._counters[(dev.type, dev.index)].item()
+
+
+def _both_paths(monkeypatch, device, fn):
+    """fn() with the finish kernel (0) and with the fused finish (1); the fused run must not
+    launch the finish kernel, and must leave the ticket counter at 0."""
+    K = _kernel_module(device)
+    monkeypatch.setenv(FF_ENV, "0")
+    want = fn()
+    calls = []
+    finish = K._finish
+    monkeypatch.setattr(K, "_finish", lambda *a: calls.append(a) or finish(*a))
+    monkeypatch.setenv(FF_ENV, "1")
+    got = fn()
+    assert not calls, "the fused finish launched the finish kernel"
+    assert _counter(device) == 0
+    return want, got
+
+
+def _assert_same_loss(device, got, want):
+    """Bitwise in the interpreter. On a GPU the stage-1 partials are bitwise the same, but the
+    last program reduces the 4096-lane accumulator with the main kernel's warps (1-4) where the
+    finish kernel uses 8, so the float32 sum's association (and the last bit) may differ."""
+    if device == "cpu":
+        assert torch.equal(got, want), (got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+FF_CASES = [  # (shape, dtype, target kind, mask)
+    ((2, 5, 33), torch.float32, "full", False),
+    ((2, 5, 33), torch.bfloat16, "b11d", True),
+    ((3, 4, 20), torch.float16, "int8", True),
+    ((1, 7, 300), torch.bfloat16, "int8", False),
+    ((3, 3, 17), torch.float32, "d", True),
+    ((2, 3, 40), torch.bfloat16, "bf16pack", False),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,kind,use_mask", FF_CASES)
+def test_fused_finish_equals_default(device, monkeypatch, shape, dtype, kind, use_mask):
+    """The fused finish gives the default path's loss (bitwise in the interpreter, see
+    _assert_same_loss) and bitwise its gradient, for rmu_mse and both terms of rmu_loss."""
+    h = _rand(*shape, dtype=dtype, device=device)
+    t = _target(kind, shape, dtype, device)
+    mask = _mask(shape, device) if use_mask else None
+    rshape = (shape[0] + 1, shape[1], shape[2])
+    hr = _rand(*rshape, dtype=dtype, seed=4, device=device)
+    tr = _target(kind if kind != "b11d" else "full", rshape, dtype, device, seed=5)
+    cv = _target("b11d", shape, dtype, device, seed=6)
+
+    def run():
+        loss, g, fn = _run(ops.rmu_mse, h, t, mask, scale=2.5, grad_output=0.75)
+        _assert_kernel(fn)
+        a = h.clone().requires_grad_(True)
+        b = hr.clone().requires_grad_(True)
+        out = ops.rmu_loss(a, cv, b, tr, 300.0, mask, None)
+        _assert_kernel(out[0].grad_fn, "RMULossFunction")
+        out[0].backward()
+        return [loss, g, *(x.detach() for x in out), a.grad, b.grad]
+
+    want, got = _both_paths(monkeypatch, device, run)
+    for i in (0, 2, 3, 4):
+        _assert_same_loss(device, got[i], want[i])
+    for i in (1, 5, 6):
+        assert got[i].dtype == want[i].dtype and torch.equal(got[i], want[i]), i
+
+
+def test_fused_finish_calls_in_a_row(device, monkeypatch):
+    """The last program puts the counter back to 0: calls of different sizes in a row (rmu_mse,
+    rmu_loss, no_grad) each give the default path's result, and the counter is 0 after each."""
+    monkeypatch.setenv(FF_ENV, "1")
+    seen = []
+    for i, shape in enumerate([(2, 3, 16), (1, 9, 24), (3, 2, 16), (2, 3, 16)]):
+        h = _rand(*shape, seed=i % 3, device=device)  # the last call repeats the first
+        t = _rand(*shape, seed=10 + i % 3, device=device)
+        with torch.no_grad():
+            mse = ops.rmu_mse(h, t, scale=1.5)
+            total, lf, lr = ops.rmu_loss(h, t[0, 0], h[:1], t[:1], 4.0)
+        assert _counter(device) == 0
+        monkeypatch.setenv(FF_ENV, "0")
+        with torch.no_grad():
+            want_mse = ops.rmu_mse(h, t, scale=1.5)
+            want = ops.rmu_loss(h, t[0, 0], h[:1], t[:1], 4.0)
+        monkeypatch.setenv(FF_ENV, "1")
+        _assert_same_loss(device, mse, want_mse)
+        for x, y in zip((total, lf, lr), want):
+            _assert_same_loss(device, x, y)
+        seen.append(mse)
+    assert torch.equal(seen[3], seen[0])  # deterministic on every device
+
+
+def test_fused_finish_env_values(monkeypatch):
+    """Read at every call: 0 / empty / unset = default, 1 = fused, anything else is refused."""
+    K = _kernel_module("cpu")
+    for value, want in (("0", False), ("", False), ("1", True), (" 1 ", True)):
+        monkeypatch.setenv(FF_ENV, value)
+        assert K.fused_finish_enabled() is want, value
+    monkeypatch.delenv(FF_ENV)
+    assert K.fused_finish_enabled() is False
+    from wmdp_fast.errors import ConfigError
+
+    monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
+    monkeypatch.setenv(FF_ENV, "yes")
+    with pytest.raises(ConfigError, match=f"{FF_ENV}='yes'.*expected 1"):
+        ops.rmu_mse(torch.ones(2, 3), torch.zeros(3))
+
+
+def test_interpreted_launch_leaves_triton_language_unpatched(monkeypatch):
+    """An interpreted launch whose kernel calls @triton.jit helpers must not leave triton.language
+    patched with the interpreter's versions: a GPU compile later in the same process failed
+    (and the sm_90 compile check below with it, whenever triton's cache missed)."""
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.core.tensor]
+    before = [dict(vars(obj)) for obj in objects]
+    monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
+    ops.rmu_mse(_rand(2, 3, 8), _rand(8, seed=1))  # _mse_row, _cast_out, tl.sum: helper calls
+    for obj, attrs in zip(objects, before):
+        changed = [
+            n
+            for n, v in vars(obj).items()
+            if attrs.get(n) is not v and not (n not in attrs and inspect.ismodule(v))
+        ]  # a submodule imported meanwhile may stay
+        assert not changed, (obj, changed[:5])
+
+
+def test_fused_finish_ptx_for_sm90():
+    """Compiled for an H100 (sm_90) without a GPU: the ticket is a gpu-scope acq_rel atomic
+    (SASS: MEMBAR.ALL.GPU, ATOMG.STRONG.GPU, CCTL.IVALL), the partials' store comes before a
+    bar.sync that comes before it, and the last program's partial loads bypass L1
+    (ld.global.cg). The default kernels hold no atomic."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from wmdp_fast.kernels import compile_for, load
+
+    K = load("rmu_mse")
+    h = torch.empty(4, 96, 4096, dtype=torch.bfloat16)
+    n = h.shape[0] * h.shape[1]
+    part, out, cnt = torch.empty(2 * n), torch.empty(3), torch.zeros(1, dtype=torch.int32)
+    term = [h, *h.stride(), h, *h.stride(), h, 0, 0, h, 0, 0, h, 96, 4096, 1.0]
+    flags = [False, False, True, False]
+    block, warps = K.block_settings(4096)
+    opts = {"BLOCK_D": block, "num_warps": warps}
+    mse = compile_for(
+        K._rmu_mse_ff_kernel, part, cnt, out, n, 0.5, *term, *flags, FINISH_BLOCK=4096, **opts
+    )
+    loss = compile_for(
+        K._rmu_loss_ff_kernel, part, cnt, out, 2 * n, 0.5, 0.25, n, *term, *term, *flags,
+        *flags, FINISH_BLOCK=4096, **opts,
+    )  # fmt: skip
+    for ptx in (mse.asm["ptx"], loss.asm["ptx"]):
+        lines = [x.strip() for x in ptx.splitlines()]
+        atom = [i for i, x in enumerate(lines) if " atom." in f" {x}" or "atom.global" in x]
+        assert len(atom) == 1 and "atom.global.gpu.acq_rel.add" in lines[atom[0]], atom
+        stores = [i for i, x in enumerate(lines) if "st.global.b32" in x and i < atom[0]]
+        bars = [i for i, x in enumerate(lines) if x.startswith("bar.sync")]
+        assert stores and any(stores[-1] < b < atom[0] for b in bars)
+        cg = [i for i, x in enumerate(lines) if "ld.global.cg" in x]
+        assert cg and min(cg) > atom[0] and any(atom[0] < b < min(cg) for b in bars)
+        assert "ld.global.cg.v4" in ptx  # n divisible by 16: vector loads, as the finish kernel
+    plain = compile_for(K._rmu_mse_kernel, part, *term, *flags, **opts).asm["ptx"]
+    assert "atom." not in plain
+
+
 # --- GPU only ----------------------------------------------------------------------------------
 
 
@@ -563,3 +744,74 @@ def test_gpu_training_step():
         loss.backward()
         grads.append(layer.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_fused_finish_many_programs(monkeypatch):
+    """16,384 programs (more than run at once, so tickets are taken while others still run)
+    and 20,480 for rmu_loss (the partials loop runs 5 chunks): 30 calls in a row give bitwise
+    the same loss and gradient, the gradient is bitwise the default path's, the loss equals the
+    default's to float32 reassociation, and the counter is back at 0. A missing release or
+    acquire would show as a partial read before it was written (a varying or wrong loss)."""
+    h = _rand(8, 2048, 1024, dtype=torch.bfloat16, device="cuda")
+    t = _rand(8, 2048, 1024, dtype=torch.bfloat16, seed=1, device="cuda")
+    hr = _rand(2, 2048, 1024, dtype=torch.bfloat16, seed=2, device="cuda")
+    p8 = ops.pack_activations(_rand(2, 2048, 1024, seed=3, device="cuda"), "int8")
+
+    def once():
+        loss, g, fn = _run(ops.rmu_mse, h, t, scale=3.0)
+        _assert_kernel(fn)
+        with torch.no_grad():
+            out = ops.rmu_loss(h, t[0, 0], hr, p8, 100.0)
+        return [loss, g, *out]
+
+    want, got = _both_paths(monkeypatch, "cuda", once)
+    runs = [got] + [once() for _ in range(29)]
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
+    assert torch.equal(got[1], want[1])
+    for i in (0, 2, 3, 4):
+        _assert_same_loss("cuda", got[i], want[i])
+    assert _counter("cuda") == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_fused_finish_cuda_graph_and_streams(monkeypatch, caplog):
+    """What the benchmark relies on: after one eager call, a CUDA graph captured with the fused
+    finish replays to the eager loss; calls on another stream are ordered after the previous
+    stream's. Capturing before any eager call falls back to the finish kernel with a warning."""
+    K = _kernel_module("cuda")
+    h = _rand(4, 512, 4096, dtype=torch.bfloat16, device="cuda")
+    t = _rand(4, 512, 4096, dtype=torch.bfloat16, seed=1, device="cuda")
+    monkeypatch.setenv(FF_ENV, "0")
+    default = ops.rmu_mse(h, t)  # compiles the default kernels outside the capture below
+    monkeypatch.setenv(FF_ENV, "1")
+    want = ops.rmu_mse(h, t)
+    _assert_same_loss("cuda", want, default)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = [ops.rmu_mse(h, t) for _ in range(3)]
+    again = ops.rmu_mse(h, t)  # default stream: waits for the side stream's launches
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, want) for x in [*on_side, again])
+    for fresh in (False, True):
+        if fresh:
+            monkeypatch.setattr(K, "_counters", {})
+            monkeypatch.setattr(K, "_counter_streams", {})
+            monkeypatch.setattr(K, "_capture_warned", set())
+        graph = torch.cuda.CUDAGraph()
+        with caplog.at_level("WARNING", logger="wmdp_fast"), torch.cuda.graph(graph):
+            out = ops.rmu_mse(h, t)
+        assert ("capturing a CUDA graph" in caplog.text) is fresh
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            _assert_same_loss("cuda", out, want)
+            if not fresh:
+                assert torch.equal(out, want)
+        if not fresh:
+            assert _counter("cuda") == 0

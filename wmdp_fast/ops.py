@@ -451,7 +451,8 @@ def rmu_mse(
     any backward with create_graph=True recompute it from hidden and target with torch ops
     (`reference.rmu_mse_grad`; differentiable, so second-order gradients work). For that the
     op keeps references (no copies) to hidden until the graph is freed, and to target and mask
-    while the loss's graph exists.
+    while the loss's graph exists. WMDP_FAST_RMU_MSE_FUSED_FINISH=1 (opt-in, read per call)
+    fuses the final reduction into the main kernel (docs/fused_ops.md); also for `rmu_loss`.
     """
     op = "rmu_mse"
     _check_hidden(op, "hidden", hidden)

@@ -129,108 +129,6 @@ def _mse_row(
 @triton.jit
 def _rmu_mse_kernel(
     part_ptr,
-    h_ptr,
-    h_sb,
-    h_st,
-    h_sd,
-    t_ptr,
-    t_sb,
-    t_st,
-    t_sd,
-    s_ptr,
-    s_sb,
-    s_st,
-    m_ptr,
-    m_sb,
-    m_st,
-    g_ptr,
-    T,
-    D,
-    grad_scale,
-    HAS_MASK: tl.constexpr,
-    TARGET_INT8: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    MANUAL_BF16: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0)
-    s = _mse_row(
-        row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
-        m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
-        HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
-    )  # fmt: skip
-    tl.store(part_ptr + row, s)
-
-
-@triton.jit
-def _rmu_loss_kernel(
-    part_ptr,
-    n_forget,
-    fh_ptr,
-    fh_sb,
-    fh_st,
-    fh_sd,
-    ft_ptr,
-    ft_sb,
-    ft_st,
-    ft_sd,
-    fs_ptr,
-    fs_sb,
-    fs_st,
-    fm_ptr,
-    fm_sb,
-    fm_st,
-    fg_ptr,
-    fT,
-    fD,
-    f_grad_scale,
-    rh_ptr,
-    rh_sb,
-    rh_st,
-    rh_sd,
-    rt_ptr,
-    rt_sb,
-    rt_st,
-    rt_sd,
-    rs_ptr,
-    rs_sb,
-    rs_st,
-    rm_ptr,
-    rm_sb,
-    rm_st,
-    rg_ptr,
-    rT,
-    rD,
-    r_grad_scale,
-    F_HAS_MASK: tl.constexpr,
-    F_TARGET_INT8: tl.constexpr,
-    F_WRITE_GRAD: tl.constexpr,
-    F_MANUAL_BF16: tl.constexpr,
-    R_HAS_MASK: tl.constexpr,
-    R_TARGET_INT8: tl.constexpr,
-    R_WRITE_GRAD: tl.constexpr,
-    R_MANUAL_BF16: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if pid < n_forget:
-        s = _mse_row(
-            pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
-            fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
-            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, BLOCK_D,
-        )  # fmt: skip
-    else:
-        s = _mse_row(
-            pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
-            rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
-            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
-        )  # fmt: skip
-    tl.store(part_ptr + pid, s)
-
-
-@triton.jit
-def _rmu_mse_ff_kernel(
-    part_ptr,
     cnt_ptr,
     out_ptr,
     n_rows,
@@ -258,22 +156,25 @@ def _rmu_mse_ff_kernel(
     WRITE_GRAD: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FUSED_FINISH: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
 ):
-    """_rmu_mse_kernel with the finish fused in (see _last_program_finishes); grid (n_rows,)."""
+    """Stage 1 of one term, grid (n_rows,): each program one position's partial (and its
+    gradient). With FUSED_FINISH, also stage 2 in the last program (cnt_ptr, out_ptr, loss_mul
+    are only read then)."""
     row = tl.program_id(0)
     s = _mse_row(
         row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
         m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
         HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
     )  # fmt: skip
-    _last_program_finishes(
-        part_ptr, s, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr, FINISH_BLOCK
+    _emit_partial(
+        part_ptr, s, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr, FUSED_FINISH, FINISH_BLOCK
     )
 
 
 @triton.jit
-def _rmu_loss_ff_kernel(
+def _rmu_loss_kernel(
     part_ptr,
     cnt_ptr,
     out_ptr,
@@ -326,9 +227,11 @@ def _rmu_loss_ff_kernel(
     R_WRITE_GRAD: tl.constexpr,
     R_MANUAL_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FUSED_FINISH: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
 ):
-    """_rmu_loss_kernel with the finish fused in (see _last_program_finishes); grid (n_total,)."""
+    """Stage 1 of both RMU terms, grid (n_total,): programs [0, n_forget) take the forget rows,
+    the rest the retain rows. With FUSED_FINISH, also stage 2 in the last program."""
     pid = tl.program_id(0)
     if pid < n_forget:
         s = _mse_row(
@@ -342,9 +245,10 @@ def _rmu_loss_ff_kernel(
             rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
             R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
         )  # fmt: skip
-    _last_program_finishes(
-        part_ptr, s, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul, out_ptr, FINISH_BLOCK
-    )
+    _emit_partial(
+        part_ptr, s, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul, out_ptr,
+        FUSED_FINISH, FINISH_BLOCK,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -416,6 +320,28 @@ def _last_program_finishes(
         tl.debug_barrier()
         _sum_partials(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK, ".cg")
         tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _emit_partial(
+    part_ptr,
+    s,
+    cnt_ptr,
+    n_a,
+    n_total,
+    mul_a,
+    mul_b,
+    out_ptr,
+    FUSED_FINISH: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
+    """Store this program's partial; with FUSED_FINISH, the last program also runs stage 2."""
+    if FUSED_FINISH:
+        _last_program_finishes(
+            part_ptr, s, cnt_ptr, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK
+        )
+    else:
+        tl.store(part_ptr + tl.program_id(0), s)
 
 
 @triton.jit
@@ -619,17 +545,15 @@ def term_forward(term: _Term):
     partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
     counter = _ticket_counter(hidden.device) if fused_finish_enabled() else None
     with _launch_ctx():
-        if counter is None:
-            _rmu_mse_kernel[(term.n_rows,)](
-                partials, *term.args(), *term.flags(), BLOCK_D=block, num_warps=num_warps
-            )
+        fused = counter is not None
+        out = torch.empty(3, dtype=torch.float32, device=hidden.device) if fused else partials
+        _rmu_mse_kernel[(term.n_rows,)](
+            partials, counter if fused else partials, out, term.n_rows, term.loss_mul,
+            *term.args(), *term.flags(), BLOCK_D=block, FUSED_FINISH=fused,
+            FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+        )  # fmt: skip
+        if not fused:
             out = _finish(partials, term.n_rows, term.loss_mul, 0.0)
-        else:
-            out = torch.empty(3, dtype=torch.float32, device=hidden.device)
-            _rmu_mse_ff_kernel[(term.n_rows,)](
-                partials, counter, out, term.n_rows, term.loss_mul, *term.args(), *term.flags(),
-                BLOCK_D=block, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
-            )  # fmt: skip
     return out[1], (term.grad if write_grad else None)
 
 
@@ -641,19 +565,15 @@ def loss_forward(fterm: _Term, rterm: _Term):
     partials = torch.empty(n, dtype=torch.float32, device=device)
     counter = _ticket_counter(device) if fused_finish_enabled() else None
     with _launch_ctx():
-        if counter is None:
-            _rmu_loss_kernel[(n,)](
-                partials, fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(),
-                *rterm.flags(), BLOCK_D=block, num_warps=num_warps,
-            )  # fmt: skip
+        fused = counter is not None
+        out = torch.empty(3, dtype=torch.float32, device=device) if fused else partials
+        _rmu_loss_kernel[(n,)](
+            partials, counter if fused else partials, out, n, fterm.loss_mul, rterm.loss_mul,
+            fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(), *rterm.flags(),
+            BLOCK_D=block, FUSED_FINISH=fused, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+        )  # fmt: skip
+        if not fused:
             out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul)
-        else:
-            out = torch.empty(3, dtype=torch.float32, device=device)
-            _rmu_loss_ff_kernel[(n,)](
-                partials, counter, out, n, fterm.loss_mul, rterm.loss_mul, fterm.n_rows,
-                *fterm.args(), *rterm.args(), *fterm.flags(), *rterm.flags(),
-                BLOCK_D=block, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
-            )  # fmt: skip
     return out, fterm.grad, rterm.grad
 
 

@@ -680,12 +680,13 @@ def test_fused_finish_ptx_for_sm90():
     flags = [False, False, True, False]
     block, warps = K.block_settings(4096)
     opts = {"BLOCK_D": block, "num_warps": warps}
+    opts.update(FINISH_BLOCK=4096)
     mse = compile_for(
-        K._rmu_mse_ff_kernel, part, cnt, out, n, 0.5, *term, *flags, FINISH_BLOCK=4096, **opts
+        K._rmu_mse_kernel, part, cnt, out, n, 0.5, *term, *flags, FUSED_FINISH=True, **opts
     )
     loss = compile_for(
-        K._rmu_loss_ff_kernel, part, cnt, out, 2 * n, 0.5, 0.25, n, *term, *term, *flags,
-        *flags, FINISH_BLOCK=4096, **opts,
+        K._rmu_loss_kernel, part, cnt, out, 2 * n, 0.5, 0.25, n, *term, *term, *flags,
+        *flags, FUSED_FINISH=True, **opts,
     )  # fmt: skip
     for ptx in (mse.asm["ptx"], loss.asm["ptx"]):
         lines = [x.strip() for x in ptx.splitlines()]
@@ -697,8 +698,10 @@ def test_fused_finish_ptx_for_sm90():
         cg = [i for i, x in enumerate(lines) if "ld.global.cg" in x]
         assert cg and min(cg) > atom[0] and any(atom[0] < b < min(cg) for b in bars)
         assert "ld.global.cg.v4" in ptx  # n divisible by 16: vector loads, as the finish kernel
-    plain = compile_for(K._rmu_mse_kernel, part, *term, *flags, **opts).asm["ptx"]
-    assert "atom." not in plain
+    plain = compile_for(
+        K._rmu_mse_kernel, part, part, part, n, 0.5, *term, *flags, FUSED_FINISH=False, **opts
+    ).asm["ptx"]
+    assert "atom." not in plain and "ld.global.cg" not in plain
 
 
 # --- GPU only ----------------------------------------------------------------------------------

@@ -127,6 +127,26 @@ WMDP_HD bool finish(const Stat& st, float* lse) {
   return st.a >= 0 && fabsf(*lse) <= FLT_MAX;
 }
 
+// Fold the U vectors vsrc[v], vsrc[v + G], ... (element index head + vector * NV) into st: all U
+// loads are issued before any is used. FULL: all U are in range (no bounds test); otherwise the
+// vectors at or past nvec read as -inf.
+template <typename T, int U, int G, bool FULL>
+WMDP_HD void fold_chunk(Stat& st, const uint4* vsrc, int64_t v, int64_t nvec, int64_t head) {
+  constexpr int NV = 16 / sizeof(T);
+  uint4 raw[U];
+#pragma unroll
+  for (int j = 0; j < U; ++j)
+    raw[j] = (FULL || v + j * G < nvec) ? load16(vsrc + v + j * G) : neg_inf_vec<T>();
+  float x[U * NV];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    const T* e = reinterpret_cast<const T*>(&raw[j]);
+#pragma unroll
+    for (int k = 0; k < NV; ++k) x[j * NV + k] = tofloat<T>(e[k]);
+  }
+  fold<U * NV, NV>(st, x, head + v * NV, (int64_t)G * NV);
+}
+
 // The Stat of thread t (of G threads sharing the row) over src[0, V): a misaligned head element
 // by element, then 16-byte vectors v = t, t + G, ... taken U at a time, then the tail.
 template <typename T, int U, int G>
@@ -144,34 +164,9 @@ WMDP_HD Stat thread_stat(const T* src, int64_t V, int t) {
   const uint4* vsrc = reinterpret_cast<const uint4*>(src + head);
   int64_t v = t;
   // full chunks: U independent loads in flight, no bounds tests
-  for (; v + (U - 1) * G < nvec; v += U * G) {
-    uint4 raw[U];
-#pragma unroll
-    for (int j = 0; j < U; ++j) raw[j] = load16(vsrc + v + j * G);
-    float x[U * NV];
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const T* e = reinterpret_cast<const T*>(&raw[j]);
-#pragma unroll
-      for (int k = 0; k < NV; ++k) x[j * NV + k] = tofloat<T>(e[k]);
-    }
-    fold<U * NV, NV>(st, x, head + v * NV, (int64_t)G * NV);
-  }
+  for (; v + (U - 1) * G < nvec; v += U * G) fold_chunk<T, U, G, true>(st, vsrc, v, nvec, head);
   // at most one partial chunk: missing vectors read as -inf
-  if (v < nvec) {
-    uint4 raw[U];
-#pragma unroll
-    for (int j = 0; j < U; ++j)
-      raw[j] = v + j * G < nvec ? load16(vsrc + v + j * G) : neg_inf_vec<T>();
-    float x[U * NV];
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const T* e = reinterpret_cast<const T*>(&raw[j]);
-#pragma unroll
-      for (int k = 0; k < NV; ++k) x[j * NV + k] = tofloat<T>(e[k]);
-    }
-    fold<U * NV, NV>(st, x, head + v * NV, (int64_t)G * NV);
-  }
+  if (v < nvec) fold_chunk<T, U, G, false>(st, vsrc, v, nvec, head);
   for (int64_t i = head + nvec * NV + t; i < V; i += G) {
     const float x[1] = {tofloat<T>(src[i])};
     fold<1, 1>(st, x, i, 0);

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
 import torch
 import triton
@@ -126,7 +127,7 @@ def _mse_row(
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # only read by the fused finish: no extra variants
 def _rmu_mse_kernel(
     part_ptr,
     cnt_ptr,
@@ -173,7 +174,7 @@ def _rmu_mse_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_total"])  # only read by the fused finish
 def _rmu_loss_kernel(
     part_ptr,
     cnt_ptr,
@@ -503,7 +504,8 @@ def _ticket_counter(device: torch.device) -> torch.Tensor | None:
     the memset launch the fused finish saves), as torch inductor's per-graph semaphores are.
     Two launches that use it at the same time would mix their tickets, so uses are kept in
     order: a call on another CUDA stream than the previous one first makes its stream wait for
-    that stream (a device-side wait, no host sync). Not covered, and the caller's to avoid:
+    that stream (a device-side wait, no host sync), under `_counter_lock` until the launch is
+    enqueued (see `_fused_finish_counter`, the only caller). Not covered, and the caller's to avoid:
     replaying a CUDA graph that holds the op while another call (or graph) using it runs on
     another stream. While a stream is capturing a CUDA graph and no counter exists yet, None:
     allocating it then would put it in the graph's private memory pool (call the op once
@@ -533,6 +535,30 @@ def _ticket_counter(device: torch.device) -> torch.Tensor | None:
     return counter
 
 
+_counter_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fused_finish_counter(device: torch.device):
+    """The ticket counter for this call (None: use the finish kernel), held until the launch
+    is enqueued. A lock keeps host threads from interleaving between taking the counter (and
+    ordering the streams) and enqueuing the launch: two threads on two streams could otherwise
+    run two launches on one counter at once. If the launch raises (an interpreted launch cut
+    short may have taken some tickets), the counter is dropped, so the next call starts from a
+    fresh zero instead of a count that would make every later loss wrong."""
+    if not fused_finish_enabled():
+        yield None
+        return
+    with _counter_lock:
+        counter = _ticket_counter(device)
+        try:
+            yield counter
+        except BaseException:
+            if counter is not None:
+                _counters.pop((device.type, device.index), None)
+            raise
+
+
 def mse_forward(hidden, target, mask, scale, count, write_grad):
     """Stage 1 + stage 2 for one term: (loss float32 scalar, grad or None)."""
     return term_forward(_Term(hidden, target, mask, count, scale, write_grad))
@@ -543,8 +569,7 @@ def term_forward(term: _Term):
     hidden, write_grad = term.hidden, term.write_grad
     block, num_warps = block_settings(term.D)
     partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
-    counter = _ticket_counter(hidden.device) if fused_finish_enabled() else None
-    with _launch_ctx():
+    with _fused_finish_counter(hidden.device) as counter, _launch_ctx():
         fused = counter is not None
         out = torch.empty(3, dtype=torch.float32, device=hidden.device) if fused else partials
         _rmu_mse_kernel[(term.n_rows,)](
@@ -563,8 +588,7 @@ def loss_forward(fterm: _Term, rterm: _Term):
     n = fterm.n_rows + rterm.n_rows
     device = fterm.hidden.device
     partials = torch.empty(n, dtype=torch.float32, device=device)
-    counter = _ticket_counter(device) if fused_finish_enabled() else None
-    with _launch_ctx():
+    with _fused_finish_counter(device) as counter, _launch_ctx():
         fused = counter is not None
         out = torch.empty(3, dtype=torch.float32, device=device) if fused else partials
         _rmu_loss_kernel[(n,)](

@@ -697,7 +697,6 @@ def test_fused_finish_ptx_for_sm90():
         assert stores and any(stores[-1] < b < atom[0] for b in bars)
         cg = [i for i, x in enumerate(lines) if "ld.global.cg" in x]
         assert cg and min(cg) > atom[0] and any(atom[0] < b < min(cg) for b in bars)
-        assert "ld.global.cg.v4" in ptx  # n divisible by 16: vector loads, as the finish kernel
     plain = compile_for(
         K._rmu_mse_kernel, part, part, part, n, 0.5, *term, *flags, FUSED_FINISH=False, **opts
     ).asm["ptx"]
@@ -818,3 +817,34 @@ def test_gpu_fused_finish_cuda_graph_and_streams(monkeypatch, caplog):
                 assert torch.equal(out, want)
         if not fresh:
             assert _counter("cuda") == 0
+
+
+def test_fused_finish_counter_is_dropped_when_a_launch_fails(monkeypatch):
+    """A launch cut short (here: the kernel raises after taking two tickets) must not leave the
+    ticket counter non-zero: every later fused-finish loss would be wrong (the last ticket
+    would be drawn before all partials exist). The counter is dropped and rebuilt at zero."""
+    monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
+    K = _kernel_module("cpu")
+    h = _rand(2, 3, 16)
+    t = _rand(2, 3, 16, seed=1)
+    monkeypatch.setenv(FF_ENV, "0")
+    want = ops.rmu_mse(h, t)
+    monkeypatch.setenv(FF_ENV, "1")
+    ops.rmu_mse(h, t)  # the counter exists
+    real = K._rmu_mse_kernel
+
+    class CutShort:
+        def __getitem__(self, grid):
+            def launch(partials, counter, *a, **kw):
+                counter += 2  # two programs took their tickets, then the launch died
+                raise KeyboardInterrupt
+
+            return launch
+
+    monkeypatch.setattr(K, "_rmu_mse_kernel", CutShort())
+    with pytest.raises(KeyboardInterrupt):
+        ops.rmu_mse(h, t)
+    monkeypatch.setattr(K, "_rmu_mse_kernel", real)
+    for _ in range(2):
+        assert torch.equal(ops.rmu_mse(h, t), want)
+        assert _counter("cpu") == 0

@@ -81,5 +81,5 @@ echo "|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
 for f in "$OUT"/bench-*.log; do
   [ -f "$f" ] || continue
-  echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|ratio|x faster|GB/s' "$f" | head -30
+  echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|speed-up|ratio|x faster|GB/s|fused-ff vs|bitwise' "$f" | head -60
 done

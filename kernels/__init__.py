@@ -139,7 +139,8 @@ def compile_for(kernel, *args, arch: int = 90, **kwargs):
     """`kernel` (a @triton.jit function of a compiled module, see `load`) compiled for CUDA
     compute capability `arch` as a launch `kernel[grid](*args, **kwargs)` would compile it (same
     argument specialisation: 16-byte aligned pointers, ints divisible by 16 or equal to 1,
-    options such as num_warps). Needs no GPU: tensors may be CPU tensors (only their dtype and
+    options such as num_warps; the debug / instrumentation knobs that a launch fills in from the
+    environment are left at their defaults). Needs no GPU: tensors may be CPU tensors (only their dtype and
     data_ptr alignment matter). Returns triton's CompiledKernel; `.asm["ptx"]`, `.asm["ttgir"]`
     hold the code. Uses triton's launch internals (triton 3.x: JITFunction._pack_args and
     runtime.jit.create_function_from_signature)."""

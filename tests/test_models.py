@@ -352,7 +352,12 @@ def test_mistral_tokenizer_without_mistral_common(tmp_path, monkeypatch):
     copy = save_mistral_tokenizer(tmp_path / "copy")
     text = "RMU: représentation misdirection, 7B."
     assert copy(text)["input_ids"] == real(text)["input_ids"]
+    again = save_mistral_tokenizer(tmp_path / "real")  # into the folder it is read from
+    assert again(text)["input_ids"] == real(text)["input_ids"]
     monkeypatch.setenv("WMDP_FAST_MISTRAL_TOKENIZER", str(tmp_path / "nowhere"))
+    with pytest.raises(ImportError, match="names no tokenizer.model"):
+        mistral_tokenizer_file()  # named but missing: no silent fallback to .gpu/tok
+    monkeypatch.delenv("WMDP_FAST_MISTRAL_TOKENIZER")
     import wmdp_fast.testing
 
     monkeypatch.setattr(wmdp_fast.testing, "__file__", str(tmp_path / "pkg" / "testing.py"))

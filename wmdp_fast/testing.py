@@ -24,12 +24,17 @@ def mistral_tokenizer_file() -> Path:
         import mistral_common
     except ImportError as exc:
         env = os.environ.get("WMDP_FAST_MISTRAL_TOKENIZER")
-        candidates = [Path(env)] if env else []
-        candidates.append(Path(__file__).resolve().parent.parent / ".gpu" / "tok")
-        for c in candidates:
-            f = c / "tokenizer.model" if c.is_dir() else c
+        if env:  # named explicitly: use it or say why not (no silent fallback)
+            f = Path(env) / "tokenizer.model" if Path(env).is_dir() else Path(env)
             if f.is_file():
                 return f
+            raise ImportError(
+                f"WMDP_FAST_MISTRAL_TOKENIZER={env} names no tokenizer.model (and mistral_common "
+                "is not installed)"
+            ) from exc
+        f = Path(__file__).resolve().parent.parent / ".gpu" / "tok" / "tokenizer.model"
+        if f.is_file():
+            return f
         raise ImportError(
             "the real Mistral tokenizer needs `pip install mistral_common`, or a saved copy: set "
             "WMDP_FAST_MISTRAL_TOKENIZER to its tokenizer.model (benchmarks/make_gpu_site.sh "
@@ -52,8 +57,9 @@ def save_mistral_tokenizer(out_dir: str | Path):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = out / "tokenizer.model"
-    shutil.copyfile(mistral_tokenizer_file(), src)
+    src, found = out / "tokenizer.model", mistral_tokenizer_file()
+    if not (src.exists() and src.resolve() == found.resolve()):  # e.g. re-saving .gpu/tok
+        shutil.copyfile(found, src)
     tok = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True)
     tok.save_pretrained(str(out))
     return tok

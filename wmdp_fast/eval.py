@@ -164,11 +164,12 @@ def run(args: argparse.Namespace) -> dict:
     res["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     res["limit"] = args.limit
     samples = res.pop("samples", None)
-    if args.output:
-        _atomic_write(args.output, json.dumps(res, indent=2) + "\n", "--output")
+    # samples first: a results file, once there, means the run's samples were written too
     if args.log_samples:
         text = "".join(json.dumps(s) + "\n" for s in samples or [])
         _atomic_write(args.log_samples, text, "--log-samples")
+    if args.output:
+        _atomic_write(args.output, json.dumps(res, indent=2) + "\n", "--output")
     return res
 
 

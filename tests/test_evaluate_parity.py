@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -106,11 +107,30 @@ def kit(tmp_path_factory):
     llama = make_tiny_model(
         root / "llama", arch="llama", seed=3, max_position_embeddings=160, with_tokenizer=False
     )
-    for f in (mistral).glob("tokenizer*"):
-        (llama / f.name).write_bytes(f.read_bytes())
-    for f in mistral.glob("special_tokens_map.json"):
-        (llama / f.name).write_bytes(f.read_bytes())
-    return {"root": root, "files": files, "tasks": tasks, "mistral": mistral, "llama": llama}
+    # Gemma (scaled embeddings, (1 + w) norms, BOS in 0.4.2 too), Gemma 2 (logit and attention
+    # soft-capping, sliding-window layers), Mixtral (mixture of experts)
+    others = {
+        arch: make_tiny_model(root / arch, arch=arch, seed=5, with_tokenizer=False)
+        for arch in ("gemma", "gemma2", "mixtral")
+    }
+    # Gemma 2 scales embeddings by sqrt(hidden) and normalises each sublayer's output, so with
+    # random weights the last token's embedding swamps the context and every question gets the
+    # same prediction; smaller embeddings let the context through
+    weights = others["gemma2"] / "model.safetensors"
+    sd = load_file(str(weights))
+    sd["model.embed_tokens.weight"] *= 0.2
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    for target in (llama, *others.values()):
+        for f in [*mistral.glob("tokenizer*"), *mistral.glob("special_tokens_map.json")]:
+            (target / f.name).write_bytes(f.read_bytes())
+    return {
+        "root": root,
+        "files": files,
+        "tasks": tasks,
+        "mistral": mistral,
+        "llama": llama,
+        **others,
+    }
 
 
 _LOADED: dict = {}
@@ -153,6 +173,11 @@ CASES = [
     ("llama", "lm-eval-current", "\n\n", None),
     # lm-eval 0.4.2 = no BOS + a description that lost one trailing newline to Jinja
     ("mistral", "lm-eval-0.4.2", "\n", False),
+    ("gemma", "lm-eval-current", "\n\n", None),
+    ("gemma2", "lm-eval-current", "\n\n", None),
+    ("mixtral", "lm-eval-current", "\n\n", None),
+    # ... except for model_type "gemma", which 0.4.2 gave a BOS
+    ("gemma", "lm-eval-0.4.2", "\n", True),
 ]
 
 

@@ -240,15 +240,25 @@ def tiny_cfg(tmp: Path, model_dir: Path, corpus_dir: Path, K: int = 1, **kw) -> 
     return RMUConfig(**base)
 
 
+def _model_state(model_dir) -> dict:
+    """Parameters by model name, as transformers loads them (Mixtral: fused experts)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
+
+
 def assert_parity(result, ref_params, ref_losses, model_dir):
     orig = load_file(str(Path(model_dir) / "model.safetensors"))
+    # model parameter names that the checkpoint stores under other keys (converted on load)
+    converted = [k for k in ref_params if k not in orig]
+    orig_model = _model_state(model_dir) if converted else orig
     assert set(result.params) == set(ref_params)
     for name, ref in ref_params.items():
         got = result.params[name]
-        delta_ref = ref - orig[name]
+        delta_ref = ref - orig_model[name]
         assert delta_ref.abs().max() > 1e-4, f"{name} barely moved: the test would be vacuous"
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        rel = (got - orig[name] - delta_ref).norm() / delta_ref.norm()
+        rel = (got - orig_model[name] - delta_ref).norm() / delta_ref.norm()
         assert rel < 1e-3, f"{name}: update differs from the published loop by {rel:.2e} (relative)"
     got_losses = [(r["loss"], r["forget_loss"], r["retain_loss"]) for r in result.report["losses"]]
     assert len(got_losses) == len(ref_losses)
@@ -258,6 +268,14 @@ def assert_parity(result, ref_params, ref_losses, model_dir):
     # the saved checkpoint: trained tensors replaced, every other tensor untouched
     saved = load_file(str(result.output_dir / "model.safetensors"))
     assert set(saved) == set(orig)
+    if converted:  # stored under the checkpoint's own keys: compare what transformers loads
+        reloaded = _model_state(result.output_dir)
+        for k, v in orig_model.items():
+            want = result.params[k] if k in ref_params else v
+            torch.testing.assert_close(reloaded[k], want, rtol=0, atol=0, msg=k)
+        changed = {k for k in orig if not torch.equal(saved[k], orig[k])}
+        assert changed and all(".experts." in k for k in changed), sorted(changed)[:5]
+        return
     for k, v in orig.items():
         if k in ref_params:
             torch.testing.assert_close(saved[k], result.params[k], rtol=0, atol=0)
@@ -343,3 +361,21 @@ def test_mask_padding_matches_masked_objective(tmp_path):
     assert_parity(result, ref_params, ref_losses, model_dir)
     unmasked, unmasked_losses = published_rmu(model_dir, cfg, cvs, mask_padding=False)
     assert abs(unmasked_losses[0][1] - ref_losses[0][1]) > 1e-3 * ref_losses[0][1]
+
+
+@pytest.mark.parametrize("arch", ["gemma", "mixtral"])
+def test_parity_gemma_and_mixtral(tmp_path, arch):
+    """The other decoder families the engine supports: Gemma (scaled embeddings, (1 + w)
+    norms) and Mixtral (mixture of experts; index 6 is the experts' fused down projection).
+    The engine matches the published loop on them too."""
+    model_dir = make_tiny_model(tmp_path / "model", arch=arch, num_hidden_layers=4)
+    corpus = write_corpora(tmp_path / "corpora")
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, K=1, max_num_batches=3)
+    cvs = control_vectors_file(tmp_path / "cv.safetensors", 1, 64, cfg.steering_coeffs)
+    cfg.control_vectors = str(tmp_path / "cv.safetensors")
+    result = run_rmu(cfg, progress=False)
+    ref_params, ref_losses = published_rmu(model_dir, cfg, cvs)
+    want = "mlp.down_proj.weight" if arch == "gemma" else "mlp.experts.down_proj"
+    assert set(ref_params) == {f"model.layers.{i}.{want}" for i in (1, 2)}
+    assert result.report["layers_loaded"] == 3
+    assert_parity(result, ref_params, ref_losses, model_dir)

@@ -463,6 +463,18 @@ def resolve_checkpoint_dir(name_or_path: str) -> Path:
         ) from exc
 
 
+def _to_checkpoint_keys(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model parameter names -> the checkpoint's keys and layouts (transformers' reverse weight
+    conversion); unchanged where transformers has none (older versions)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return tensors
+    with torch.no_grad():
+        out = revert_weight_conversion(model, {k: v.detach() for k, v in tensors.items()})
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+
 def _weight_map(src: Path) -> dict[str, str]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
@@ -491,12 +503,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def save_updated_checkpoint(
-    src_dir: str | Path, out_dir: str | Path, updated: dict[str, torch.Tensor]
+    src_dir: str | Path, out_dir: str | Path, updated: dict[str, torch.Tensor], model=None
 ) -> list[str]:
     """Write the checkpoint in `src_dir` to `out_dir` with only the tensors in `updated`
     (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards are
     hard-linked (or copied), config and tokenizer files copied, other weight formats skipped.
     `out_dir` is created if needed (the caller renames it into place). Returns the rewritten shards.
+
+    `model` (the model the tensors came from, loaded by from_pretrained): parameter names that
+    the checkpoint does not hold are mapped back to its keys with transformers' own reverse
+    weight conversion (transformers 5 loads e.g. Mixtral's per-expert w1/w2/w3 tensors into
+    fused `mlp.experts.gate_up_proj` / `down_proj` parameters).
     """
     import shutil
 
@@ -506,6 +523,11 @@ def save_updated_checkpoint(
     src, out = Path(src_dir), Path(out_dir)
     wmap = _weight_map(src)
     missing = [k for k in updated if k not in wmap]
+    if missing and model is not None:
+        updated = {k: v for k, v in updated.items() if k in wmap} | _to_checkpoint_keys(
+            model, {k: updated[k] for k in missing}
+        )
+        missing = [k for k in updated if k not in wmap]
     if missing:
         raise ModelError(
             f"the updated tensors {missing} are not in the checkpoint {src} (its keys look like "

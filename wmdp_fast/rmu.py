@@ -1151,7 +1151,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     trained = {n: p.detach().to("cpu").clone() for n, p in trainer.named}
     tmp = make_temp_dir(out)
     try:
-        save_updated_checkpoint(src_dir, tmp, trained)
+        save_updated_checkpoint(src_dir, tmp, trained, model=model)
         from safetensors.torch import save_file
 
         save_file(

@@ -65,12 +65,21 @@ def save_mistral_tokenizer(out_dir: str | Path):
     return tok
 
 
-ARCHS = ("mistral", "llama", "qwen2")
+ARCHS = ("mistral", "llama", "qwen2", "gemma", "gemma2", "mixtral")
 
 
 def tiny_config(arch: str = "mistral", vocab_size: int = 32000, **overrides):
-    """A toy config of a real architecture (hidden 64, 4 layers by default)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A toy config of a real architecture (hidden 64, 4 layers by default). gemma: scaled
+    embeddings, (1 + weight) norms, GELU; gemma2: also logit and attention soft-capping and
+    alternating sliding-window / global layers; mixtral: 4 experts, 2 per token."""
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+    )
 
     base = dict(
         vocab_size=vocab_size,
@@ -92,6 +101,17 @@ def tiny_config(arch: str = "mistral", vocab_size: int = 32000, **overrides):
         return LlamaConfig(**base)
     if arch == "qwen2":
         return Qwen2Config(**base)
+    if arch in ("gemma", "gemma2"):
+        base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
+        base.setdefault("pad_token_id", base["eos_token_id"])
+        if arch == "gemma2":
+            base.setdefault("sliding_window", 4096)
+            return Gemma2Config(**base)
+        return GemmaConfig(**base)
+    if arch == "mixtral":
+        base.setdefault("num_local_experts", 4)
+        base.setdefault("num_experts_per_tok", 2)
+        return MixtralConfig(**base)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 

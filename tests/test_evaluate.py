@@ -333,3 +333,34 @@ def test_nan_logits_name_task_and_doc_ids_and_suggest_a_dtype(tok, monkeypatch, 
     with pytest.raises(ModelError, match=r"^task t\d, doc_id \d+: .*NaN or inf logits"):
         ev.evaluate(model, tok, [t1, t2], progress=False)
     assert "full forward" not in caplog.text  # not blamed on the split path
+
+
+@pytest.mark.parametrize("arch", ["granite", "gemma3", "phi3", "olmo"])
+def test_more_architectures_vs_reference(tok, caplog, arch):
+    """Granite (logits divided by logits_scaling, embeddings multiplied), Gemma 3 (text),
+    Phi-3 (fused qkv / gate_up) and OLMo: the split path (body + lm_head at the needed rows)
+    equals a full forward per request, without falling back to full forwards."""
+    import transformers
+
+    base = dict(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.5,
+    )  # fmt: skip
+    extra = {
+        "granite": ("GraniteConfig", dict(logits_scaling=4.0, embedding_multiplier=2.0)),
+        "gemma3": ("Gemma3TextConfig", dict(head_dim=16)),
+        "phi3": ("Phi3Config", {}),
+        "olmo": ("OlmoConfig", {}),
+    }
+    name, kw = extra[arch]
+    cfg = getattr(transformers, name)(**base, **kw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    task = MCQTask("t", "biology", "synthetic", _docs(4, seed=8))
+    with caplog.at_level("WARNING", logger="wmdp_fast"):
+        res = ev.evaluate(model, tok, [task], log_samples=True, progress=False)
+    assert "full forward" not in caplog.text
+    ref = reference_logliks(model, tok, task, "lm-eval-current", 256)
+    got = [x for s in res["samples"] for x in s["loglikelihoods"]]
+    assert max(abs(a - b) for (a, _), b in zip(ref, got)) <= 1e-4

@@ -66,7 +66,10 @@ def _pack_int8_kernel(
 
 @triton.jit
 def _cast_out(x, out_ty: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """x (float32) -> out_ty, rounding to nearest even (see rmu_mse._cast_out)."""
+    """x (float32) -> out_ty, rounding to nearest even (see rmu_mse._cast_out). A copy, not an
+    import: kernels.load re-executes each kernel module for its interpreted twin, and a shared
+    helper module imported first under TRITON_INTERPRET=1 would hand the compiled kernels an
+    interpreted function."""
     if MANUAL_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)

@@ -5,6 +5,11 @@ line and a non-zero exit (traceback only with --debug). Messages say what was wr
 (file, row, argument) and, where possible, what to do.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class WmdpFastError(Exception):
     """Base class of all wmdp_fast errors."""
@@ -32,3 +37,21 @@ class TrainingError(WmdpFastError):
 
 class ResourceError(WmdpFastError):
     """Not enough (GPU) memory for the requested run; names the flag that would make it fit."""
+
+
+def run_cli(body: Callable[[], int], debug: bool = False) -> int:
+    """Run a CLI's work and return its exit status: a WmdpFastError prints `error: <message>`
+    and gives 1, Ctrl-C prints `interrupted` and gives 130 (outputs are written atomically, so
+    nothing half-written is left behind); with `debug` both re-raise, traceback and all."""
+    try:
+        return body()
+    except WmdpFastError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from wmdp_fast.atomic import atomic_write_text
-from wmdp_fast.errors import ConfigError, ModelError, WmdpFastError
+from wmdp_fast.errors import ConfigError, ModelError, run_cli
 from wmdp_fast.prompts import DEFAULT_PROTOCOL, PROTOCOLS
 
 log = logging.getLogger("wmdp_fast")
@@ -179,21 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        res = run(args)
-    except WmdpFastError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        # outputs are written atomically at the very end, so nothing partial is left behind
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(format_table(res))
-    return 0
+
+    def body() -> int:
+        print(format_table(run(args)))
+        return 0
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

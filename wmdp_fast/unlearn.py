@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from wmdp_fast.errors import ConfigError, WmdpFastError
+from wmdp_fast.errors import ConfigError, run_cli
 
 # The published script's flags; their defaults (the published Zephyr-7B run) live in RMUConfig.
 PUBLISHED_FLAGS = (
@@ -375,52 +375,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("wmdp_fast").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
+    return run_cli(lambda: _run(args), args.debug)
 
-        from wmdp_fast.rmu import run_rmu
 
-        cfg, demo = config_from_args(args)
-        if demo:
-            print(
-                "No --model_name_or_path given: running the embedded offline DEMO (a tiny model "
-                "and an invented knowledge world: forget = made-up creatures, retain = made-up "
-                f"towns). Output: {cfg.output_dir}/. For a real run pass --model_name_or_path, "
-                "e.g. HuggingFaceH4/zephyr-7b-beta (see --help)."
-            )
-        # log lines go through tqdm.write, so they do not break the progress bars
-        with logging_redirect_tqdm():
-            result = run_rmu(cfg, progress=not args.quiet)
-        rep = result.report
+def _run(args) -> int:
+    """The CLI's work; errors are turned into exit statuses by run_cli."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from wmdp_fast.rmu import run_rmu
+
+    cfg, demo = config_from_args(args)
+    if demo:
         print(
-            "Updated tensors: "
-            + ", ".join(
-                f"{p['name']} {tuple(p['shape'])} {p['dtype']}" for p in rep["params_updated"]
-            )
+            "No --model_name_or_path given: running the embedded offline DEMO (a tiny model "
+            "and an invented knowledge world: forget = made-up creatures, retain = made-up "
+            f"towns). Output: {cfg.output_dir}/. For a real run pass --model_name_or_path, "
+            "e.g. HuggingFaceH4/zephyr-7b-beta (see --help)."
         )
-        last = rep["losses"][-1] if rep["losses"] else None
-        if last:
-            print(
-                f"Final step {last['step']}: loss {last['loss']:.4g} (forget {last['forget_loss']:.4g}, "
-                f"retain {last['retain_loss']:.4g}); {len(rep['losses'])} steps, "
-                f"{rep['timings']['per_step_s'] * 1000:.1f} ms/step"
-            )
-        if rep.get("eval_before") is not None and rep.get("eval_after") is not None:
-            print(_table(rep["eval_before"], rep["eval_after"]))
-        print(f"Saved the unlearned model, rmu_report.json and losses.png to {result.output_dir}")
-        if args.debug:
-            print(json.dumps(rep["timings"], indent=1))
-        return 0
-    except WmdpFastError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    # log lines go through tqdm.write, so they do not break the progress bars
+    with logging_redirect_tqdm():
+        result = run_rmu(cfg, progress=not args.quiet)
+    rep = result.report
+    print(
+        "Updated tensors: "
+        + ", ".join(f"{p['name']} {tuple(p['shape'])} {p['dtype']}" for p in rep["params_updated"])
+    )
+    last = rep["losses"][-1] if rep["losses"] else None
+    if last:
+        print(
+            f"Final step {last['step']}: loss {last['loss']:.4g} (forget {last['forget_loss']:.4g}, "
+            f"retain {last['retain_loss']:.4g}); {len(rep['losses'])} steps, "
+            f"{rep['timings']['per_step_s'] * 1000:.1f} ms/step"
+        )
+    if rep.get("eval_before") is not None and rep.get("eval_after") is not None:
+        print(_table(rep["eval_before"], rep["eval_after"]))
+    print(f"Saved the unlearned model, rmu_report.json and losses.png to {result.output_dir}")
+    if args.debug:
+        print(json.dumps(rep["timings"], indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ want bench-rmu-mse-cv && step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_ms
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # end to end at the published 150 steps (writes a random Zephyr-7B to local disk: minutes;
   # usually cut by the budget in a full run: run it alone with GPU_CHECK_STEPS=bench-rmu-e2e)
-  want bench-rmu-e2e && step bench-rmu-e2e 400 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b --end-to-end --steps 150 --no-4bit --workdir "${TMPDIR:-/tmp}"
+  want bench-rmu-e2e && step bench-rmu-e2e 400 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b --end-to-end --e2e-ab --steps 150 --no-4bit --workdir "${TMPDIR:-/tmp}"
 fi
 
 echo

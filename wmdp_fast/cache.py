@@ -50,12 +50,16 @@ class CachedBatch:
     token_mask: [B, T] int64, the tokenizer's attention mask (1 = real token).
     kwargs: the keyword arguments the model passed to the layer (tensors, tuples of tensors,
         None, bools, numbers, strings).
+    act: only in a batch split at layer `first` (`wmdp_fast.rmu.split_first_layer`): the input
+        of that layer's `mlp.down_proj` [B, T, I]; `hidden` then holds the residual stream
+        that the MLP output is added to. Never stored on disk.
     """
 
     hidden: torch.Tensor
     token_mask: torch.Tensor
     kwargs: dict
     scale: torch.Tensor | None = None
+    act: torch.Tensor | None = None
 
     def to(
         self, device, dtype: torch.dtype | None = None, non_blocking: bool = False
@@ -72,7 +76,12 @@ class CachedBatch:
         hidden = mv(self.hidden)
         if self.scale is not None:
             hidden = (hidden.float() * mv(self.scale)).to(dtype or torch.bfloat16)
-        return CachedBatch(hidden, mv(self.token_mask), {k: mv(v) for k, v in self.kwargs.items()})
+        return CachedBatch(
+            hidden,
+            mv(self.token_mask),
+            {k: mv(v) for k, v in self.kwargs.items()},
+            act=mv(self.act),
+        )
 
     def nbytes(self) -> int:
         def nb(x):
@@ -86,6 +95,7 @@ class CachedBatch:
             nb(self.hidden)
             + nb(self.token_mask)
             + nb(self.scale)
+            + nb(self.act)
             + sum(nb(v) for v in self.kwargs.values())
         )
 
@@ -238,6 +248,10 @@ def _check_kwarg(name: str, value):
 def store(x, storage: torch.device, pin: bool):
     """`x` (a tensor, or a tuple of them, or any other value) moved to `storage`, pinned if asked."""
     if isinstance(x, torch.Tensor):
+        if pin and storage.type == "cpu" and x.device.type != "cpu":
+            # one copy, straight into page-locked memory (not to pageable memory, then again)
+            y = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            return y.copy_(x)
         y = x.to(storage)
         return y.pin_memory() if pin else y
     if isinstance(x, tuple):
@@ -383,6 +397,10 @@ def save_cache(cache: ActivationCache, cache_dir: str | Path, components: dict) 
     written to temporary files and renamed; meta.json last, so its presence means complete)."""
     from safetensors.torch import save_file
 
+    if any(e.act is not None for e in cache.entries):
+        raise ValueError(
+            "batches split at layer `first` are not cache entries: save before splitting"
+        )
     root = cache_path(cache_dir, cache.fingerprint)
     root.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

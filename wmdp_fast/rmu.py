@@ -85,6 +85,7 @@ class RMUConfig:
     cache_dir: str | None = None
     cache_format: str = "bf16"
     cache_device: str = "auto"
+    first_layer_cache: str = "auto"  # see FIRST_LAYER_CACHE / --first-layer-cache
     dtype: str = "auto"
     device: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
@@ -123,6 +124,8 @@ class RMUConfig:
             raise ConfigError("--cache-format must be 'bf16' or 'int8'")
         if self.cache_device not in ("auto", "cpu", "cuda"):
             raise ConfigError("--cache-device must be auto, cpu or cuda")
+        if self.first_layer_cache not in FIRST_LAYER_CACHE:
+            raise ConfigError("--first-layer-cache must be auto, on or off")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
         if (self.load_in_4bit or self.load_in_8bit) and self.offload:
@@ -152,6 +155,7 @@ class RMUConfig:
             "resume",
             "overwrite",
             "cache_dir",
+            "first_layer_cache",  # the same numbers either way (bitwise)
         }
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.control_vectors and Path(self.control_vectors).is_file():
@@ -249,6 +253,121 @@ def replay(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return hidden
 
 
+# ------------------------------------------------ layer `first`: its constant part, cached
+
+FIRST_LAYER_CACHE = ("auto", "on", "off")
+
+
+def first_layer_split_reason(layer, trained_params) -> str | None:
+    """None if decoder layer `first` can be split: the only tensors trained in it belong to its
+    `mlp.down_proj` (the published recipe: param 6 of layers 5, 6, 7). Everything before that
+    projection (attention, norms, gate/up, activation) then sees constant inputs and frozen
+    weights, so its results are constants per batch. Otherwise, why not."""
+    mlp = getattr(layer, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if not isinstance(down, torch.nn.Module) or not isinstance(norm, torch.nn.Module):
+        return f"{type(layer).__name__} has no mlp.down_proj and post_attention_layernorm"
+    own = {id(p) for p in layer.parameters()}
+    in_down = {id(p) for p in down.parameters()}
+    mine = [p for p in trained_params if id(p) in own]
+    if not mine or any(id(p) not in in_down for p in mine):
+        return "tensors other than mlp.down_proj are trained in that layer"
+    return None
+
+
+@torch.no_grad()
+def split_first_layer(layer, hidden: torch.Tensor, kwargs: dict):
+    """Run decoder `layer` on a cached batch and return (output, residual, act): `act` is the
+    input of `layer.mlp.down_proj` and `residual` the input of `post_attention_layernorm`,
+    both None unless the output is bitwise `residual + down_proj(act)` (the Llama / Mistral /
+    Qwen2 / Gemma layer; Gemma 2's extra norms or Granite's residual multiplier fail the check,
+    and such a layer is replayed whole)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def pre(module, args):
+        got.setdefault("residual", args[0])
+
+    def post(module, args, out):
+        got.setdefault("act", args[0])
+        got.setdefault("down", out)
+
+    handles = [
+        layer.post_attention_layernorm.register_forward_pre_hook(pre),
+        layer.mlp.down_proj.register_forward_hook(post),
+    ]
+    try:
+        out = layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    if len(got) == 3 and torch.equal(out, got["residual"] + got["down"]):
+        return out, got["residual"], got["act"]
+    return out, None, None
+
+
+def replay_batch(layers, b) -> torch.Tensor:
+    """Layers first..layer_id on a cached batch `b`; a split batch (`b.act` set) starts at the
+    `mlp.down_proj` of layer `first` (`split_first_layer`), with the same result bitwise."""
+    if b.act is None:
+        return replay(layers, b.hidden, b.kwargs)
+    hidden = b.hidden + layers[0].mlp.down_proj(b.act)
+    return replay(layers[1:], hidden, b.kwargs)
+
+
+def prepare_replay(
+    layers, cache, need_ids, device, dtype, storage, pin: bool, split: bool, progress=False
+):
+    """Replay the ORIGINAL layers first..layer_id once per cached batch, before any update.
+
+    Returns (targets, split_entries, reason): `targets[e]` is the output for every entry id in
+    `need_ids` (the retain targets); with `split`, `split_entries[e]` is entry e split at layer
+    `first`'s down_proj (residual + act, on `storage`) for EVERY entry, or None with the reason
+    when the layer's output is not residual + down_proj(act)."""
+    from tqdm.auto import tqdm
+
+    from wmdp_fast import cache as cache_mod
+
+    for layer in layers:
+        layer.eval()
+    need = set(need_ids)
+    ids = range(len(cache.entries)) if split else sorted(need)
+    targets: dict[int, torch.Tensor] = {}
+    parts: dict[int, object] | None = {} if split else None
+    reason = None
+    desc = "retain targets" + (" + layer-first cache" if split else "")
+    with torch.no_grad():
+        for e in tqdm(ids, desc=desc, disable=not progress, unit="batch"):
+            if parts is None and e not in need:
+                continue  # the split was given up: targets only
+            b = cache.entries[e].to(device, dtype)
+            if parts is None:
+                out = replay(layers, b.hidden, b.kwargs)
+            else:
+                out, residual, act = split_first_layer(layers[0], b.hidden, b.kwargs)
+                if residual is None:
+                    parts, reason = (
+                        None,
+                        (
+                            f"the output of {type(layers[0]).__name__} is not residual + "
+                            "mlp.down_proj(act)"
+                        ),
+                    )
+                else:
+                    parts[e] = cache_mod.CachedBatch(
+                        cache_mod.store(residual, storage, pin),
+                        cache.entries[e].token_mask,
+                        cache.entries[e].kwargs,
+                        act=cache_mod.store(act, storage, pin),
+                    )
+                if e in need:
+                    out = replay(layers[1:], out, b.kwargs)
+            if e in need:
+                targets[e] = cache_mod.store(out.detach(), storage, pin)
+    return targets, parts, reason
+
+
 class _Abort(TrainingError):
     """A second Ctrl-C: stop now, without a checkpoint. A TrainingError, so that even where
     it escapes the handler that rewords it, the CLI reports it in one line."""
@@ -322,10 +441,13 @@ def estimate_gpu_memory(
     load_in_4bit: bool | None = None,
     offload: bool | None = None,
     batch_size: int | None = None,
+    split_width: int = 0,
 ) -> int:
     """Rough upper estimate (bytes) of the GPU memory a run needs, from the model's sizes: the
     larger of the caching phase (embeddings, prefix and trained layers on the GPU) and the
-    training phase (the prefix goes back to the CPU unless quantized)."""
+    training phase (the prefix goes back to the CPU unless quantized). `split_width`: the
+    width of the down_proj inputs streamed per batch with the layer-first cache (0: none);
+    `cache_bytes` includes the split batches when they are stored on the GPU."""
     from wmdp_fast.models import get_decoder_layers
 
     q4 = cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
@@ -355,11 +477,23 @@ def estimate_gpu_memory(
     # graphs live together; plus one layer's transient forward
     act_b = 2 * n_train * bs * max_tokens * (8 * D + 3 * inter) * esize
     transient_b = bs * max_tokens * (6 * D + 3 * inter) * esize
-    stream_b = 0 if cache_on_gpu else 6 * bs * max_tokens * D * esize
+    stream_b = 0 if cache_on_gpu else bs * max_tokens * (6 * D + 4 * split_width) * esize
     cache_b = cache_bytes if cache_on_gpu else 0
     caching = embed_b + prefix_b + trained_b + cache_b + transient_b
     training = trained_b + opt_b + act_b + cache_b + stream_b + transient_b
     return int(max(caching, training) + (256 << 20))
+
+
+def host_available_bytes() -> int | None:
+    """The CPU memory available for new allocations (MemAvailable on Linux), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def preflight(
@@ -372,15 +506,20 @@ def preflight(
     cache_on_gpu: bool,
     free_bytes: int,
     device="cuda",
+    split_width: int = 0,
 ) -> dict:
     """Check the estimated GPU memory against `free_bytes` before anything goes to the GPU.
     Raises ResourceError naming the flag(s) that would make the run fit."""
-    need = estimate_gpu_memory(model, cfg, first, dtype, max_tokens, cache_bytes, cache_on_gpu)
+    need = estimate_gpu_memory(
+        model, cfg, first, dtype, max_tokens, cache_bytes, cache_on_gpu, split_width=split_width
+    )
     if need <= free_bytes:
         return {"estimated_bytes": need, "free_bytes": int(free_bytes)}
 
     def est(**kw):
-        return estimate_gpu_memory(model, cfg, first, dtype, max_tokens, cache_bytes, False, **kw)
+        return estimate_gpu_memory(
+            model, cfg, first, dtype, max_tokens, cache_bytes, False, split_width=split_width, **kw
+        )
 
     options = []
     if cache_on_gpu and est() <= free_bytes:
@@ -583,8 +722,8 @@ class _Trainer:
         k = idx % len(cfg.forget_corpora)
         for layer in self.layers:
             layer.train()
-        h_f = replay(self.layers, fb.hidden, fb.kwargs)
-        h_r = replay(self.layers, rb.hidden, rb.kwargs)
+        h_f = replay_batch(self.layers, fb)
+        h_r = replay_batch(self.layers, rb)
         total, lf, lr = rmu_loss(
             h_f,
             self.control_vecs[k],
@@ -837,7 +976,16 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     skeleton = meta_model(str(src_dir), dtype, trust_remote_code=cfg.trust_remote_code)
     validate_layers(skeleton, cfg.layer_id, cfg.layer_ids)
     first = min(cfg.layer_ids)
-    select_params(skeleton, cfg.layer_ids, cfg.param_ids)  # a bad --param_ids fails here
+    sk_named = select_params(skeleton, cfg.layer_ids, cfg.param_ids)  # a bad --param_ids fails here
+    first_sk = get_decoder_layers(skeleton)[first]
+    split_reason = (
+        "--first-layer-cache off"
+        if cfg.first_layer_cache == "off"
+        else first_layer_split_reason(first_sk, [p for _, p in sk_named])
+    )
+    if split_reason is not None and cfg.first_layer_cache == "on":
+        raise ConfigError(f"--first-layer-cache on: layer {first} cannot be split: {split_reason}")
+    split_width = first_sk.mlp.down_proj.in_features if split_reason is None else 0
     D = skeleton.config.hidden_size
     if cfg.control_vectors:  # shape checked now; moved to the device later
         load_control_vectors(cfg.control_vectors, len(cfg.forget_corpora), D, "cpu", dtype)
@@ -868,25 +1016,48 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     tsize = torch.tensor([], dtype=dtype).element_size()
     cache_bytes += sum(b * t * D * tsize for e, (b, t) in enumerate(lengths) if e in tset)
     max_tokens = max(t for _, t in lengths)
-    if cfg.cache_device == "auto":
-        storage = (
-            device if (device.type != "cuda" or cache_bytes <= (1 << 30)) else torch.device("cpu")
-        )
-    else:
-        storage = torch.device(cfg.cache_device if cfg.cache_device == "cpu" else device)
+    # the layer-first cache: per token, the residual stream and the down_proj input
+    split_bytes = sum(b * t * (D + split_width) * tsize for b, t in lengths) if split_width else 0
+
+    def choose_storage(total: int) -> torch.device:
+        if cfg.cache_device == "auto":
+            small = device.type != "cuda" or total <= (1 << 30)
+            return device if small else torch.device("cpu")
+        return torch.device(cfg.cache_device if cfg.cache_device == "cpu" else device)
+
+    storage = choose_storage(cache_bytes + split_bytes)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if split_bytes and cfg.first_layer_cache == "auto":
+        # an optimisation (the same numbers either way): only where the memory is there
+        if storage.type == "cpu":
+            avail = host_available_bytes()
+            if avail is not None and split_bytes > avail // 2:
+                split_reason = (
+                    f"it needs {split_bytes / 2**30:.1f} GiB of CPU memory and "
+                    f"{avail / 2**30:.1f} GiB are available"
+                )
+        elif free is not None:
+            est = estimate_gpu_memory(
+                skeleton, cfg, first, dtype, max_tokens, cache_bytes + split_bytes, True
+            )
+            if est > free:
+                split_reason = f"it does not fit in the free memory of {device}"
+        if split_reason is not None:
+            split_width = split_bytes = 0
+            storage = choose_storage(cache_bytes)
     memory = None
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
         memory = preflight(
             skeleton,
             cfg,
             first,
             dtype,
             max_tokens,
-            cache_bytes,
+            cache_bytes + split_bytes,
             storage.type == "cuda",
             free,
             device,
+            split_width=split_width,
         )
     del skeleton
     timings["checks_s"] = time.perf_counter() - t0
@@ -1005,19 +1176,35 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 layers[i] = torch.nn.Identity()
         torch.cuda.empty_cache()
 
-    # retain targets (and, with --verbose, frozen forget outputs) from the ORIGINAL layers
+    # retain targets (and, with --verbose, frozen forget outputs) from the ORIGINAL layers;
+    # in the same pass, the constant part of layer `first` for every batch (layer-first cache)
     t0 = time.perf_counter()
-    trained_layers = list(layers[first : cfg.layer_id + 1])
-    for layer in trained_layers:
-        layer.eval()
-    targets: dict[int, torch.Tensor] = {}
+    n_entries, cache_nbytes = len(cache.entries), cache.nbytes()
     need_ids = sorted(set(r_idx) | (set(f_idx) if cfg.verbose else set()))
-    with torch.no_grad():
-        for e in tqdm(need_ids, desc="retain targets", disable=not progress, unit="batch"):
-            b = cache.entries[e].to(device, dtype)
-            targets[e] = cache_mod.store(
-                replay(trained_layers, b.hidden, b.kwargs).detach(), storage, pin
-            )
+    targets, parts, reason = prepare_replay(
+        list(layers[first : cfg.layer_id + 1]),
+        cache,
+        need_ids,
+        device,
+        dtype,
+        storage,
+        pin,
+        split=split_width > 0,
+        progress=progress,
+    )
+    split_reason = split_reason or reason
+    train_cache = cache
+    if parts is not None:
+        train_cache = dataclasses.replace(cache, entries=[parts[e] for e in range(n_entries)])
+        if not keep_cache:
+            cache = train_cache  # the inputs of layer `first` are not needed any more
+    else:
+        log.info("layer-first cache off: %s", split_reason)
+    first_layer_report = {
+        "used": parts is not None,
+        "reason": split_reason,
+        "bytes": sum(p.nbytes() for p in parts.values()) if parts is not None else 0,
+    }
     timings["targets_s"] = time.perf_counter() - t0
 
     if cfg.control_vectors:
@@ -1038,7 +1225,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         start = int(state["steps_done"])
         log.info("resuming after step %d from %s", start, ckpt)
 
-    loader = _Loader(cache, targets, device, dtype)
+    loader = _Loader(train_cache, targets, device, dtype)
     t0 = time.perf_counter()
     pending: list[tuple[int, torch.Tensor, dict | None]] = []
     sync_every = 1 if device.type != "cuda" or cfg.verbose else 10
@@ -1179,8 +1366,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 "path": cache.info.get("path"),
                 "format": cfg.cache_format,
                 "storage": str(storage),
-                "entries": len(cache.entries),
-                "bytes": cache.nbytes(),
+                "entries": n_entries,
+                "bytes": cache_nbytes,
                 "exact": quant == "none" and cfg.cache_format == "bf16",
                 "note": (
                     "the prefix was quantized: cached inputs approximate the full-precision model"
@@ -1188,6 +1375,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                     else None
                 ),
             },
+            "first_layer_cache": first_layer_report,
             "control_vector_norms": [float(c.float().norm()) for c in cvs],
             "layers_loaded": len(layers),
             "resumed_from_step": start if resume_state is not None else None,
@@ -1214,7 +1402,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     kept = cache if keep_cache else None
     if cfg.eval_tasks:
         t0 = time.perf_counter()
-        del model, trainer, loader, cache, targets
+        del model, trainer, loader, cache, train_cache, targets
         if device.type == "cuda":
             torch.cuda.empty_cache()
         report["eval_after"], report["eval"] = _evaluate_dir(cfg, str(out), device, dtype, progress)

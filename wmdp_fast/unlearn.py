@@ -238,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the cache lives during training (auto: GPU when small, else pinned CPU memory streamed per step)",
     )
     add.add_argument(
+        "--first-layer-cache",
+        dest="first_layer_cache",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="when only mlp.down_proj is trained in layer min(layer_ids) (the published param 6), "
+        "cache that layer's constant part (attention, norms, gate/up) per batch and start each "
+        "step at its down_proj: the same numbers bitwise, less work per step, at the cost of "
+        "(hidden + intermediate size) values per token in the cache's memory "
+        "(auto: on where that memory is available)",
+    )
+    add.add_argument(
         "--dtype",
         default="auto",
         help="model dtype: auto (on CUDA the checkpoint's own dtype, as the published "
@@ -342,6 +353,7 @@ def config_from_args(args: argparse.Namespace):
         cache_dir=args.cache_dir,
         cache_format=args.cache_format,
         cache_device=args.cache_device,
+        first_layer_cache=args.first_layer_cache,
         dtype=args.dtype,
         device=args.device,
         eval_tasks=args.eval_tasks or [],

@@ -1,0 +1,183 @@
+"""The layer-first cache (`--first-layer-cache`): when only `mlp.down_proj` is trained in layer
+`first = min(layer_ids)`, its attention, norms and gate/up run once per batch before training,
+and each step starts at that down_proj. The trained weights and losses must be bitwise those of
+the full replay; layers whose output is not `residual + down_proj(act)` fall back to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rmu_parity import tiny_cfg, write_corpora
+
+import wmdp_fast.rmu as rmu_mod
+from wmdp_fast.errors import ConfigError
+from wmdp_fast.rmu import first_layer_split_reason, run_rmu, split_first_layer
+from wmdp_fast.testing import make_tiny_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "model", arch="mistral", num_hidden_layers=3
+    )
+
+
+def _count_replayed_layers(monkeypatch) -> list[int]:
+    """Records how many whole decoder layers each replay() call runs."""
+    seen: list[int] = []
+    orig = rmu_mod.replay
+
+    def spy(layers, hidden, kwargs):
+        seen.append(len(list(layers)))
+        return orig(layers, hidden, kwargs)
+
+    monkeypatch.setattr(rmu_mod, "replay", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_first_cache_is_bitwise_the_full_replay(
+    tmp_path, mistral, corpus, dtype, monkeypatch
+):
+    kw = dict(max_num_batches=4, dtype=dtype, layer_id=2, layer_ids=[1, 2])
+    off = run_rmu(
+        tiny_cfg(tmp_path / "off", mistral, corpus, first_layer_cache="off", **kw), progress=False
+    )
+    seen = _count_replayed_layers(monkeypatch)
+    on = run_rmu(tiny_cfg(tmp_path / "on", mistral, corpus, **kw), progress=False)  # auto
+    assert off.report["first_layer_cache"]["used"] is False
+    assert "off" in off.report["first_layer_cache"]["reason"]
+    rep = on.report["first_layer_cache"]
+    assert rep["used"] is True and rep["reason"] is None and rep["bytes"] > 0
+    # training steps replay only layer 2 whole (layer 1 starts at its down_proj)
+    assert seen[-8:] == [1] * 8
+    assert set(on.params) == set(off.params) and len(on.params) == 2
+    for name, t in off.params.items():
+        assert torch.equal(on.params[name], t), name
+        assert not torch.equal(t, on.params[name] * 0)  # trained, not zero
+    assert on.report["losses"] == off.report["losses"]
+
+
+def test_single_replayed_layer(tmp_path, mistral, corpus):
+    """layer_ids == [layer_id]: the step is residual + down_proj(act) alone."""
+    kw = dict(max_num_batches=3, layer_id=1, layer_ids=[1])
+    off = run_rmu(
+        tiny_cfg(tmp_path / "a", mistral, corpus, first_layer_cache="off", **kw), progress=False
+    )
+    on = run_rmu(
+        tiny_cfg(tmp_path / "b", mistral, corpus, first_layer_cache="on", **kw), progress=False
+    )
+    assert on.report["first_layer_cache"]["used"] is True
+    for name, t in off.params.items():
+        assert torch.equal(on.params[name], t), name
+    assert on.report["losses"] == off.report["losses"]
+
+
+def test_other_trained_tensors_in_layer_first_replay_it_whole(tmp_path, mistral, corpus):
+    kw = dict(max_num_batches=2, param_ids=[0, 6])  # q_proj is trained too
+    res = run_rmu(tiny_cfg(tmp_path / "a", mistral, corpus, **kw), progress=False)
+    rep = res.report["first_layer_cache"]
+    assert rep["used"] is False and "other than mlp.down_proj" in rep["reason"]
+    with pytest.raises(ConfigError, match="--first-layer-cache on.*other than mlp.down_proj"):
+        run_rmu(
+            tiny_cfg(tmp_path / "b", mistral, corpus, first_layer_cache="on", **kw), progress=False
+        )
+
+
+def _layer(arch: str, **over):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch, num_hidden_layers=2, **over)
+    cfg.initializer_range = 0.5
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return model
+
+
+def _layer_inputs(model, T: int = 7):
+    from wmdp_fast.cache import capture_layer_inputs
+
+    class Tok:
+        def __call__(self, texts, **kw):
+            from transformers import BatchEncoding
+
+            ids = torch.randint(3, 1000, (2, T), generator=torch.Generator().manual_seed(1))
+            return BatchEncoding(
+                {"input_ids": ids, "attention_mask": torch.ones(2, T, dtype=torch.long)}
+            )
+
+    (b,) = capture_layer_inputs(
+        model, Tok(), [(("x",), T)], 1, torch.device("cpu"), torch.device("cpu")
+    )
+    return b
+
+
+@pytest.mark.parametrize(
+    "arch,splits",
+    [("mistral", True), ("llama", True), ("qwen2", True), ("gemma", True), ("gemma2", False)],
+)
+def test_split_check_per_architecture(arch, splits):
+    """Gemma 2 normalises the MLP output before the residual add: the bitwise check refuses it."""
+    model = _layer(arch)
+    layer = model.model.layers[1]
+    b = _layer_inputs(model)
+    with torch.no_grad():
+        full = layer(b.hidden, **b.kwargs)
+    full = full[0] if isinstance(full, tuple) else full
+    out, residual, act = split_first_layer(layer, b.hidden, b.kwargs)
+    assert torch.equal(out, full)
+    assert (residual is not None) is splits
+    if splits:
+        assert act.shape[-1] == layer.mlp.down_proj.in_features
+        assert torch.equal(residual + layer.mlp.down_proj(act), full)
+
+
+def test_structural_reasons():
+    model = _layer("mixtral")
+    layer = model.model.layers[1]
+    assert "no mlp.down_proj" in first_layer_split_reason(layer, list(layer.parameters()))
+    model = _layer("mistral")
+    layer = model.model.layers[1]
+    assert first_layer_split_reason(layer, [layer.mlp.down_proj.weight]) is None
+    assert "other than" in first_layer_split_reason(
+        layer, [layer.mlp.down_proj.weight, layer.self_attn.q_proj.weight]
+    )
+    # a layer with nothing trained (not first) is not split either
+    assert first_layer_split_reason(layer, [model.model.layers[0].mlp.down_proj.weight])
+
+
+def test_gemma2_falls_back_with_the_same_numbers(tmp_path, corpus):
+    model_dir = make_tiny_model(tmp_path / "g2", arch="gemma2", num_hidden_layers=3)
+    kw = dict(max_num_batches=2, layer_id=1, layer_ids=[1])
+    auto = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+    off = run_rmu(
+        tiny_cfg(tmp_path / "b", model_dir, corpus, first_layer_cache="off", **kw), progress=False
+    )
+    rep = auto.report["first_layer_cache"]
+    assert rep["used"] is False and "not residual + mlp.down_proj(act)" in rep["reason"]
+    for name, t in off.params.items():
+        assert torch.equal(auto.params[name], t), name
+
+
+def test_memory_budget_turns_auto_off(tmp_path, mistral, corpus, monkeypatch):
+    monkeypatch.setattr(rmu_mod, "host_available_bytes", lambda: 1 << 10)
+    res = run_rmu(
+        tiny_cfg(tmp_path / "a", mistral, corpus, max_num_batches=2, cache_device="cpu"),
+        progress=False,
+    )
+    rep = res.report["first_layer_cache"]
+    assert rep["used"] is False and "GiB of CPU memory" in rep["reason"]
+
+
+def test_cli_flag(tmp_path):
+    from wmdp_fast.unlearn import build_parser
+
+    args = build_parser().parse_args(["--first-layer-cache", "off"])
+    assert args.first_layer_cache == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--first-layer-cache", "maybe"])

@@ -148,3 +148,22 @@ def test_offload_keeps_one_batch_of_layer_kwargs_on_the_gpu(tiny):
         kw_total,
     )
     assert all(v.device.type == "cpu" for e in out for v in e.kwargs.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("cache_device", ["cuda", "cpu"])
+def test_cuda_layer_first_cache_is_bitwise_the_full_replay(tmp_path, tiny, cache_device):
+    """bf16 on CUDA, cache on the GPU or in pinned CPU memory (the split batches are streamed
+    with the cache): --first-layer-cache on and off train bitwise the same tensors."""
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=4, device="cuda", dtype="bfloat16", cache_device=cache_device)
+    on = run_rmu(
+        tiny_cfg(tmp_path / "on", model_dir, corpus, first_layer_cache="on", **kw), progress=False
+    )
+    off = run_rmu(
+        tiny_cfg(tmp_path / "off", model_dir, corpus, first_layer_cache="off", **kw), progress=False
+    )
+    assert on.report["first_layer_cache"]["used"] and not off.report["first_layer_cache"]["used"]
+    assert on.report["cache"]["storage"].startswith(cache_device)
+    for name, t in off.params.items():
+        assert torch.equal(on.params[name], t), name
+    assert on.report["losses"] == off.report["losses"]

@@ -416,7 +416,7 @@ class _Loader:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(ev)
             for b in (fb, rb):
-                for x in [b.hidden, b.token_mask, *b.kwargs.values()]:
+                for x in [b.hidden, b.token_mask, b.act, *b.kwargs.values()]:
                     for y in x if isinstance(x, tuple) else (x,):
                         if isinstance(y, torch.Tensor):
                             y.record_stream(cur)

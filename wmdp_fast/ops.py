@@ -631,3 +631,86 @@ class RMULoss(torch.nn.Module):
         return rmu_loss(
             h_forget, cv, h_retain, retain_target, self.alphas[topic], forget_mask, retain_mask
         )
+
+
+# --- fused RMSNorm and SwiGLU of the replayed decoder layers (session 3) ----------------------
+
+TRITON_OPS = TRITON_OPS + ("rms_norm", "swiglu")
+OPS = GATHER_OPS + TRITON_OPS
+RMS_NORM_MAX_D = 65536  # = kernels.rmsnorm.MAX_D: wider rows run the reference
+
+
+def _check_float_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() < 1:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ConfigError(f"{op}: {name} must be a tensor [..., D], got {got}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"{op}: {name} dtype must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm as transformers' Llama/Mistral/Qwen2RMSNorm computes it, forward and backward
+    fused: `weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)`, the statistics in float32.
+
+    Args:
+        x: [..., D] float32/bfloat16/float16; rows may be strided (a non-unit column stride
+            costs a copy).
+        weight: [D] float32/bfloat16/float16 (its dtype may differ from x's, as in HF).
+        eps: the module's `variance_epsilon`, finite and >= 0.
+
+    Returns: [..., D] in `torch.promote_types(weight.dtype, x.dtype)`, differentiable w.r.t. x
+    and weight. Rounded where HF rounds; on CUDA one kernel each way (the weight gradient, when
+    weight requires grad, is a deterministic two-stage sum: no atomics). Rows wider than
+    `kernels.rmsnorm.MAX_D` (65536) run the reference.
+    """
+    op = "rms_norm"
+    _check_float_tensor(op, "x", x)
+    _check_float_tensor(op, "weight", weight)
+    D = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != D:
+        raise ConfigError(
+            f"{op}: weight must be [D={D}] (x is {tuple(x.shape)}), got {tuple(weight.shape)}"
+        )
+    if weight.device != x.device:
+        raise ConfigError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    eps = _check_number(op, "eps", eps)
+    if eps < 0:
+        raise ConfigError(f"{op}: eps must be >= 0 (the norm's variance_epsilon), got {eps}")
+    backend = _select_backend(op, x.device)
+    if backend == "reference" or D > RMS_NORM_MAX_D:
+        return reference.rms_norm(x, weight, eps)
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    return _kernel_module("rmsnorm", backend).rms_norm(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, the middle of a SwiGLU MLP (`down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))`), forward and backward fused.
+
+    Args:
+        gate, up: the same shape [..., I], the same float32/bfloat16/float16 dtype and device
+            (non-contiguous inputs are copied).
+
+    Returns: [..., I] in that dtype, differentiable w.r.t. both. silu's output is rounded to the
+    dtype before the multiply, as eager does; the backward recomputes silu from gate (saves
+    only gate and up).
+    """
+    op = "swiglu"
+    _check_float_tensor(op, "gate", gate)
+    _check_float_tensor(op, "up", up)
+    if gate.shape != up.shape:
+        raise ConfigError(
+            f"{op}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape"
+        )
+    if gate.dtype != up.dtype:
+        raise ConfigError(
+            f"{op}: gate is {gate.dtype} but up is {up.dtype}; cast one (gate_proj and up_proj "
+            "should share a dtype)"
+        )
+    if gate.device != up.device:
+        raise ConfigError(f"{op}: gate is on {gate.device} but up is on {up.device}")
+    backend = _select_backend(op, gate.device)
+    if backend == "reference":
+        return reference.swiglu(gate, up)
+    return _kernel_module("swiglu", backend).swiglu(gate, up)

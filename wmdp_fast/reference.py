@@ -235,3 +235,24 @@ def rmu_mse_grad(
         count = keep.sum() * hidden.shape[-1]
     coeff = grad_output.to(acc) * (2.0 * scale) / count
     return (diff * coeff).to(hidden.dtype)
+
+
+# --- fused RMSNorm and SwiGLU of the replayed decoder layers (session 3) ----------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of `ops.rms_norm`: exactly the forward of transformers' LlamaRMSNorm /
+    MistralRMSNorm / Qwen2RMSNorm (x [..., D], weight [D]; output dtype
+    promote_types(weight, x))."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Reference of `ops.swiglu`: the middle of transformers' LlamaMLP / MistralMLP / Qwen2MLP,
+    `act_fn(gate_proj(x)) * up_proj(x)` with act_fn SiLU (silu's output is rounded to the dtype
+    before the multiply, as in eager)."""
+    return F.silu(gate) * up

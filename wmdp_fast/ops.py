@@ -714,3 +714,127 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if backend == "reference":
         return reference.swiglu(gate, up)
     return _kernel_module("swiglu", backend).swiglu(gate, up)
+
+
+# --- the published AdamW step, fused (issue 5's optimizer) ------------------------------------
+
+TRITON_OPS = TRITON_OPS + ("published_adamw_step",)
+OPS = GATHER_OPS + TRITON_OPS
+
+_adamw_strided_warned: list[bool] = []
+
+
+def _check_adamw_lists(op: str, lists: dict) -> list[tuple[torch.Tensor, ...]]:
+    """The tensor lists of `published_adamw_step`, validated; returns per-index 4-tuples."""
+    for name, seq in lists.items():
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise ConfigError(
+                f"{op}: {name} must be a list of tensors (one per trained tensor), got "
+                f"{type(seq).__name__}"
+            )
+    lengths = {name: len(seq) for name, seq in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"{op}: the four lists must have the same length, got {lengths}")
+    groups = list(zip(*lists.values()))
+    names = list(lists)
+    for i, group in enumerate(groups):
+        p = group[0]
+        for name, t in zip(names, group):
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise ConfigError(
+                    f"{op}: {name}[{i}] dtype must be float32, bfloat16 or float16, got {t.dtype}"
+                )
+            if t is p:
+                continue
+            if t.shape != p.shape:
+                raise ConfigError(
+                    f"{op}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] has "
+                    f"{tuple(p.shape)}"
+                )
+            if t.dtype != p.dtype:
+                raise ConfigError(
+                    f"{op}: {name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}; the step "
+                    "keeps the optimizer state and the gradient in the parameter's dtype (cast "
+                    "the gradient, or keep float32 master weights for all four)"
+                )
+            if t.device != p.device:
+                raise ConfigError(
+                    f"{op}: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}"
+                )
+        _, _, m, v = group
+        if p.numel() and len({p.data_ptr(), m.data_ptr(), v.data_ptr()}) < 3:
+            raise ConfigError(
+                f"{op}: params[{i}], exp_avgs[{i}] and exp_avg_sqs[{i}] must be distinct tensors "
+                "(all three are updated in place)"
+            )
+    return groups
+
+
+def published_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """One step of the published script's optimizer (`wmdp_fast.rmu.PublishedAdamW`, the old
+    transformers.AdamW: weight decay 0, bias corrections in the step size), in place:
+
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g * g
+        p -= lr * sqrt(1 - beta2**step) / (1 - beta1**step) * m / (sqrt(v) + eps)
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: lists of the same length; entry i holds four
+            tensors of one shape, dtype (float32/bfloat16/float16) and device (tensor i's
+            parameter, gradient, first and second moment). params, exp_avgs and exp_avg_sqs are
+            updated in place.
+        step: the new step count t (an int, 1 at the first step).
+        lr, beta1, beta2, eps: the optimizer's hyper-parameters (0 <= beta < 1).
+
+    On CUDA each tensor takes one Triton pass (reads p, g, m, v, writes p, m, v) that rounds
+    exactly where the eager sequence rounds, so the result is meant to be bitwise
+    PublishedAdamW.step's (tests/test_kernels_adamw.py checks it on a GPU). On CPU tensors, and
+    for a tensor whose four tensors are not all contiguous (one warning per process), the eager
+    sequence runs (`reference.published_adamw_step`).
+    """
+    op = "published_adamw_step"
+    groups = _check_adamw_lists(
+        op,
+        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+    )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(f"{op}: step must be an int >= 1 (the new step count), got {step!r}")
+    lr = _check_number(op, "lr", lr)
+    eps = _check_number(op, "eps", eps)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= _check_number(op, name, beta) < 1.0:
+            raise ConfigError(f"{op}: {name} must be in [0, 1), got {beta}")
+    beta1, beta2 = float(beta1), float(beta2)
+    # as PublishedAdamW computes it: Python floats (the kernel gets it as a float32, as
+    # addcdiv_'s value becomes a float32 in PyTorch's CUDA kernel)
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    with torch.no_grad():
+        for i, (p, g, m, v) in enumerate(groups):
+            if p.numel() == 0:
+                continue
+            backend = _select_backend(op, p.device)
+            contiguous = all(t.is_contiguous() for t in (p, g, m, v))
+            if backend != "reference" and not contiguous and not _adamw_strided_warned:
+                _adamw_strided_warned.append(True)
+                log.warning(
+                    f"wmdp_fast: {op}: tensor {i} ({tuple(p.shape)}) or its gradient or state is "
+                    "not contiguous, so it takes the eager 7-pass step (correct, slower); make "
+                    "the parameter contiguous to fuse it. (Warned once per process.)"
+                )
+            if backend == "reference" or not contiguous:
+                reference.published_adamw_step([p], [g], [m], [v], step, lr, beta1, beta2, eps)
+                continue
+            _kernel_module("adamw", backend).adamw_step(
+                p, g, m, v, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size
+            )

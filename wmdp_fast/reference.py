@@ -256,3 +256,32 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     `act_fn(gate_proj(x)) * up_proj(x)` with act_fn SiLU (silu's output is rounded to the dtype
     before the multiply, as in eager)."""
     return F.silu(gate) * up
+
+
+# --- the published AdamW step (issue 5's optimizer) -------------------------------------------
+
+
+def published_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """Reference of `ops.published_adamw_step`: literally the eager op sequence of
+    `wmdp_fast.rmu.PublishedAdamW.step` (the old transformers.AdamW) on each tensor, in place;
+    `step` is the new step count t (1 at the first step). Bitwise what that optimizer does, on
+    every device."""
+    import math  # (kept local: the module's other twins need no math)
+
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    with torch.no_grad():
+        for p, g, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
+            exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)

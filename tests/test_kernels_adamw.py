@@ -189,7 +189,10 @@ def test_op_matches_the_twin_within_rounding(dtype, monkeypatch):
         grads = [_grads(p.numel(), dtype, gen).view(p.shape) for p in params]
         ref = [[x.clone() for x in xs] for xs in (params, ms, vs)]
         old = [[x.double() for x in xs] for xs in (params, ms, vs)]
+        versions = [x._version for x in params + ms + vs]
         ops.published_adamw_step(params, grads, ms, vs, t, **HP)
+        # in place, as autograd must know (a graph that saved p refuses to backward)
+        assert all(x._version > n for x, n in zip(params + ms + vs, versions))
         reference.published_adamw_step(*ref[:1], grads, *ref[1:], t, **HP)
         ss = _step_size(t, HP["lr"], HP["beta1"], HP["beta2"])
         for i, g in enumerate(grads):

@@ -838,3 +838,7 @@ def published_adamw_step(
             _kernel_module("adamw", backend).adamw_step(
                 p, g, m, v, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size
             )
+            # as the eager in-place ops do: a graph that saved p (or m, v) before the step
+            # must refuse to backward through the new values
+            for t in (p, m, v):
+                torch.autograd.graph.increment_version(t)

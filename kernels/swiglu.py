@@ -9,9 +9,11 @@ flattened tensors:
             dg = round(da * s * (1 + g * (1 - s))) with s = 1 / (1 + exp(-g))
             (a and s recomputed from g: only gate and up are saved)
 
-These are torch's own formulas and rounding points (silu is `g / (1 + exp(-g))` in float32,
-rounded to the dtype before the multiply; silu_backward as in ATen), so the results differ
-from eager only where float32 `exp` differs in its last bits (Triton's vs the platform's).
+These are torch's own formulas and rounding points (silu is `g / (1 + exp(-g))` in float32
+with an IEEE division, rounded to the dtype before the multiply; silu_backward as in ATen),
+and on the GPU `exp` is CUDA's expf (libdevice), the one torch's kernels use. What may still
+differ from eager: FMA contraction (Triton's and nvcc's choices) and, in the interpreter,
+numpy's exp vs the CPU's.
 
 Use these through `wmdp_fast.ops` (argument checks live there).
 """
@@ -24,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -46,13 +49,28 @@ def _cast_out(x, out_ty: tl.constexpr, MANUAL_BF16: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _one_plus_exp_neg(g, LIBDEVICE: tl.constexpr):
+    """1 + exp(-g) in float32. LIBDEVICE (the GPU): CUDA's own expf, the one torch's silu
+    kernels call, instead of Triton's ex2.approx-based tl.exp (a few ulp off for large |g|);
+    the interpreter has no libdevice."""
+    if LIBDEVICE:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    return 1.0 + e
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    g_ptr, u_ptr, y_ptr, n, MANUAL_BF16: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ty = y_ptr.dtype.element_ty
-    a = _cast_out(tl.math.div_rn(g, 1.0 + tl.exp(-g)), ty, MANUAL_BF16).to(tl.float32)
+    a = _cast_out(tl.math.div_rn(g, _one_plus_exp_neg(g, LIBDEVICE)), ty, MANUAL_BF16)
+    a = a.to(tl.float32)
     tl.store(y_ptr + offs, _cast_out(a * u, ty, MANUAL_BF16), mask=m)
 
 
@@ -67,6 +85,7 @@ def _swiglu_bwd_kernel(
     HAS_DG: tl.constexpr,
     HAS_DU: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -74,7 +93,7 @@ def _swiglu_bwd_kernel(
     dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ty = g_ptr.dtype.element_ty
-    e = 1.0 + tl.exp(-g)
+    e = _one_plus_exp_neg(g, LIBDEVICE)
     if HAS_DU:
         a = _cast_out(tl.math.div_rn(g, e), ty, MANUAL_BF16).to(tl.float32)
         tl.store(du_ptr + offs, _cast_out(dy * a, ty, MANUAL_BF16), mask=m)
@@ -112,7 +131,7 @@ def forward(
         with _launch_ctx():
             _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
                 g, u, y, n, MANUAL_BF16=INTERPRETED and g.dtype == torch.bfloat16,
-                BLOCK=BLOCK, num_warps=NUM_WARPS,
+                LIBDEVICE=not INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
     return y, g, u
 
@@ -129,7 +148,7 @@ def backward(dy, g, u, need_dg: bool, need_du: bool):
                 dy, g, u, g if dg is None else dg, u if du is None else du, n,
                 HAS_DG=need_dg, HAS_DU=need_du,
                 MANUAL_BF16=INTERPRETED and g.dtype == torch.bfloat16,
-                BLOCK=BLOCK, num_warps=NUM_WARPS,
+                LIBDEVICE=not INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
     return dg, du
 

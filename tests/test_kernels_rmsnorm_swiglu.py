@@ -17,6 +17,8 @@ Tolerances (stated per dtype; the reference is eager autograd through the HF cod
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -253,6 +255,90 @@ def test_ops_registered_and_dispatch(monkeypatch):
     monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
     assert ops.backend_of("swiglu", "cpu") == "triton-interpret"
     assert ops.RMS_NORM_MAX_D == kernels.load("rmsnorm", interpret=True).MAX_D
+
+
+def test_kernels_compile_for_sm90_without_atomics():
+    """Every kernel variant compiles for an H100 (sm_90) without a GPU (the interpreter never
+    compiles: this catches GPU-only compile errors), holds no atomic (the results are
+    deterministic by construction), and swiglu's exp is libdevice's expf (fma-based range
+    reduction) rather than tl.exp's bare ex2.approx, as torch's silu kernels use."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from wmdp_fast.kernels import compile_for, load
+
+    R, S = load("rmsnorm"), load("swiglu")
+    x = torch.empty(2048, 4096, dtype=torch.bfloat16)
+    w = torch.empty(4096, dtype=torch.bfloat16)
+    rstd, part = torch.empty(2048), torch.empty(264, 4096)
+    block, warps = R.block_settings(4096)
+    knobs = {"BLOCK_D": block, "num_warps": warps}
+    ptx = [
+        compile_for(
+            R._rms_norm_fwd_kernel,
+            x,
+            4096,
+            w,
+            x,
+            rstd,
+            4096,
+            1 / 4096,
+            1e-5,
+            X_BF16=False,
+            Y_BF16=False,
+            **knobs,
+        )  # fmt: skip
+    ]
+    for dx, dw in ((True, False), (True, True), (False, True)):
+        ptx.append(
+            compile_for(
+                R._rms_norm_bwd_kernel,
+                x,
+                4096,
+                x,
+                4096,
+                w,
+                rstd,
+                x,
+                part,
+                2048,
+                8,
+                4096,
+                1 / 4096,
+                X_BF16=False,
+                Y_BF16=False,
+                HAS_DX=dx,
+                HAS_DW=dw,
+                **knobs,
+            )  # fmt: skip
+        )
+    ptx.append(compile_for(R._sum_partials_kernel, part, 264, w, 4096, DW_BF16=False, BLOCK=256))
+    g = torch.empty(4 * 512 * 14336, dtype=torch.bfloat16)
+    glu = {"MANUAL_BF16": False, "BLOCK": S.BLOCK, "num_warps": S.NUM_WARPS}
+    fwd = {
+        lib: compile_for(S._swiglu_fwd_kernel, g, g, g, g.numel(), LIBDEVICE=lib, **glu)
+        for lib in (True, False)
+    }
+    ptx.append(
+        compile_for(
+            S._swiglu_bwd_kernel,
+            g,
+            g,
+            g,
+            g,
+            g,
+            g.numel(),
+            HAS_DG=True,
+            HAS_DU=True,
+            LIBDEVICE=True,
+            **glu,
+        )  # fmt: skip
+    )
+    ptx = [k.asm["ptx"] for k in ptx] + [fwd[True].asm["ptx"]]
+    atomic = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", re.M)  # optionally predicated
+    assert atomic.search("\t@%p3 atom.global.gpu.acq_rel.add.u32 \t%r1, [%rd2], 1;")
+    assert not [p for p in ptx if atomic.search(p)]
+    assert "rsqrt.approx" in ptx[0]  # the instruction torch's CUDA rsqrt compiles to
+    assert fwd[True].asm["ptx"].count("fma.rn") > fwd[False].asm["ptx"].count("fma.rn")
+    assert all("div.rn.f32" in p for p in (ptx[-1], ptx[-2]))
 
 
 # --- GPU: Zephyr-7B width, bf16 ----------------------------------------------------------------

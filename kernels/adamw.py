@@ -22,8 +22,8 @@ How PyTorch's CUDA kernels group and fuse these (read from pytorch/pytorch):
     fma(1, eps, d) == d + eps): nothing to fuse. Division is IEEE (-prec-div=true).
 (PyTorch special-cases value == 1 in addcmul_ as fma(g, g, v): reached only when
 float32(1 - beta2) == 1, i.e. 0 < beta2 < 2^-25 (beta2 == 0 gives the same bits); not
-reproduced.) So the default is CONTRACT=True: explicit tl.fma in those three places. CONTRACT=False does a
-separate multiply and add instead (a check for the GPU test). Every launch disables LLVM's fp
+reproduced.) So the default is CONTRACT=True: explicit tl.fma in those three places.
+CONTRACT=False does a separate multiply and add instead (a check for the GPU test). Every launch disables LLVM's fp
 fusion (enable_fp_fusion=False), so the kernel rounds exactly where it is written, whatever
 the setting.
 

@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 MAX_D = 65536
 DW_BLOCK = 256  # columns per program of the weight-gradient sum
@@ -245,6 +246,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second-order gradient raises instead of being silently 0
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

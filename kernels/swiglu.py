@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.language.extra import libdevice
 
 BLOCK = 1024
@@ -161,6 +162,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second-order gradient raises instead of being silently 0
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
         return backward(dy, g, u, ctx.needs_input_grad[0], ctx.needs_input_grad[1])

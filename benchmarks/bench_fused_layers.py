@@ -103,7 +103,8 @@ def make_layer(shape: dict, dtype: torch.dtype, device: torch.device):
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = MistralModel(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised in place (a 7B-width layer on the CPU takes seconds)
+        model = MistralModel(cfg).to(dtype=dtype)
     model.requires_grad_(False)
     layer = model.layers[0]
     with torch.no_grad():  # norm weights as a trained model has them (not all ones)

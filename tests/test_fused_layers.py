@@ -53,7 +53,8 @@ def _model(arch: str, dtype=torch.float32, device="cpu", layers=2, **overrides):
     torch.manual_seed(0)
     cfg = tiny_config(arch, vocab_size=64, num_hidden_layers=layers, **overrides)
     cfg.initializer_range = 0.5 if dtype == torch.float32 else 0.05
-    model = AutoModel.from_config(cfg, dtype=dtype).to(device)
+    with torch.device(device):  # initialised in place (Zephyr width on the CPU takes seconds)
+        model = AutoModel.from_config(cfg, dtype=dtype)
     with torch.no_grad():  # non-trivial norm weights (they start at 1)
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):

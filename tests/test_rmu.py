@@ -620,3 +620,41 @@ def test_unwritable_cache_dir_warns_and_trains_on(tmp_path, tiny, caplog):
         res = run_rmu(cfg, progress=False)
     assert len(res.report["losses"]) == 2 and res.report["cache"]["path"] is None
     assert "could not write the activation cache" in caplog.text
+
+
+def test_published_adamw_fused_path_calls_the_op(monkeypatch):
+    """PublishedAdamW hands CUDA tensors (here: the interpreted kernel, forced) to
+    ops.published_adamw_step, one call per step value, and the update stays the eager one's
+    (the interpreter's numpy arithmetic is not nvcc's: close, not bitwise; bitwise on CUDA is
+    a GPU test in tests/test_kernels_adamw.py). WMDP_FAST_FUSED_ADAMW=0 keeps the eager ops."""
+    from wmdp_fast import ops
+    from wmdp_fast.rmu import PublishedAdamW
+
+    monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
+    calls = []
+    real = ops.published_adamw_step
+
+    def spy(ps, gs, ms, vs, t, *a):
+        calls.append((len(ps), t))
+        return real(ps, gs, ms, vs, t, *a)
+
+    monkeypatch.setattr(ops, "published_adamw_step", spy)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(33, 17, generator=gen), torch.randn(5, generator=gen)]
+    fused = [p.clone().requires_grad_(True) for p in start]
+    eager = [p.clone().requires_grad_(True) for p in start]
+    opt_f = PublishedAdamW(fused, lr=1e-3)
+    assert opt_f.fused
+    opt_e = PublishedAdamW(eager, lr=1e-3, fused=False)
+    for _ in range(3):
+        for p, q in zip(fused, eager):
+            g = torch.randn(p.shape, generator=gen) * 1e-6
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_f.step()
+        opt_e.step()
+    assert calls == [(2, 1), (2, 2), (2, 3)]
+    for p, q, p0 in zip(fused, eager, start):
+        assert (q.detach() - p0).abs().max() > 1e-5  # moved
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-9)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "0")
+    assert not PublishedAdamW(eager, lr=1e-3).fused

@@ -666,15 +666,24 @@ class PublishedAdamW(torch.optim.Optimizer):
         m, v = EMAs of g, g^2;  p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
     torch's AdamW instead adds eps to sqrt(v / (1 - b2^t)), an effective eps up to 1/sqrt(1 - b2)
     ~ 32x smaller; RMU gradients of a 7B model are near eps, so the steps differ several-fold.
-    Same operations in the same order as the transformers source (bitwise the same update)."""
+    Same operations in the same order as the transformers source (bitwise the same update). On
+    CUDA the sequence runs as one Triton pass per tensor (`ops.published_adamw_step`), which
+    rounds where PyTorch's CUDA kernels round (bitwise the eager step is checked by a GPU test);
+    `fused=False` or WMDP_FAST_FUSED_ADAMW=0 keeps the eager ops."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6):
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        # CUDA tensors: one Triton pass per tensor (ops.published_adamw_step, the same
+        # roundings); WMDP_FAST_FUSED_ADAMW=0 keeps the eager sequence below
+        self.fused = os.environ.get("WMDP_FAST_FUSED_ADAMW", "1") != "0" if fused is None else fused
 
     @torch.no_grad()
     def step(self, closure=None):
+        from wmdp_fast import ops
+
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            batched: dict[int, list[list[torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -686,11 +695,22 @@ class PublishedAdamW(torch.optim.Optimizer):
                 # a plain int: a resumed tensor step would put the bias corrections in float32
                 t = state["step"] = int(state["step"]) + 1
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if (
+                    self.fused
+                    and (p.is_cuda or os.environ.get("WMDP_FAST_FORCE_TRITON") == "1")
+                    and p.grad.dtype == p.dtype == exp_avg.dtype == exp_avg_sq.dtype
+                ):
+                    lists = batched.setdefault(t, [[], [], [], []])
+                    for lst, x in zip(lists, (p, p.grad, exp_avg, exp_avg_sq)):
+                        lst.append(x)
+                    continue
                 exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
                 step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
+            for t, (ps, gs, ms, vs) in batched.items():
+                ops.published_adamw_step(ps, gs, ms, vs, t, group["lr"], beta1, beta2, group["eps"])
 
 
 class _Trainer:

@@ -177,7 +177,33 @@ def test_memory_budget_turns_auto_off(tmp_path, mistral, corpus, monkeypatch):
 def test_cli_flag(tmp_path):
     from wmdp_fast.unlearn import build_parser
 
-    args = build_parser().parse_args(["--first-layer-cache", "off"])
-    assert args.first_layer_cache == "off"
+    args = build_parser().parse_args(["--first-layer-cache", "off", "--fused-layers", "on"])
+    assert args.first_layer_cache == "off" and args.fused_layers == "on"
+    assert build_parser().parse_args([]).fused_layers == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--first-layer-cache", "maybe"])
+
+
+def test_fused_layers_in_the_engine(tmp_path, mistral, corpus, monkeypatch):
+    """--fused-layers on with the Triton kernels forced (interpreted): the replayed layers'
+    norms and MLPs are patched (reported by name), the layer-first cache still applies, and the
+    run trains the same tensors as transformers' eager modules (float32: summation order)."""
+    kw = dict(max_num_batches=3, layer_id=2, layer_ids=[1, 2])
+    eager = run_rmu(
+        tiny_cfg(tmp_path / "a", mistral, corpus, fused_layers="off", **kw), progress=False
+    )
+    assert eager.report["fused_layers"] == []
+    monkeypatch.setenv("WMDP_FAST_FORCE_TRITON", "1")
+    fused = run_rmu(
+        tiny_cfg(tmp_path / "b", mistral, corpus, fused_layers="on", **kw), progress=False
+    )
+    assert sorted(fused.report["fused_layers"]) == sorted(
+        f"layers.{i}.{m}"
+        for i in (1, 2)
+        for m in ("input_layernorm", "post_attention_layernorm", "mlp")
+    )
+    assert fused.report["first_layer_cache"]["used"] is True
+    for name, t in eager.params.items():
+        torch.testing.assert_close(fused.params[name], t, rtol=1e-4, atol=1e-6)
+    for a, b in zip(fused.report["losses"], eager.report["losses"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -86,6 +86,7 @@ class RMUConfig:
     cache_format: str = "bf16"
     cache_device: str = "auto"
     first_layer_cache: str = "auto"  # see FIRST_LAYER_CACHE / --first-layer-cache
+    fused_layers: str = "auto"  # auto: on CUDA; fused RMSNorm/SwiGLU in the replayed layers
     dtype: str = "auto"
     device: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
@@ -126,6 +127,8 @@ class RMUConfig:
             raise ConfigError("--cache-device must be auto, cpu or cuda")
         if self.first_layer_cache not in FIRST_LAYER_CACHE:
             raise ConfigError("--first-layer-cache must be auto, on or off")
+        if self.fused_layers not in ("auto", "on", "off"):
+            raise ConfigError("--fused-layers must be auto, on or off")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
         if (self.load_in_4bit or self.load_in_8bit) and self.offload:
@@ -1152,6 +1155,14 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     # and the prefix (quantized, or left on the CPU to be streamed with --offload)
     for i in range(first, cfg.layer_id + 1):
         layers[i].to(device)
+    fused_names: list[str] = []
+    if cfg.fused_layers == "on" or (cfg.fused_layers == "auto" and device.type == "cuda"):
+        # before the targets pass: targets, the layer-first cache and the steps run one code
+        from wmdp_fast.fused_layers import fuse_decoder_layers
+
+        for name in fuse_decoder_layers(list(layers[first : cfg.layer_id + 1])):
+            pos, rest = name.split(".", 1)
+            fused_names.append(f"layers.{first + int(pos)}.{rest}")
     if cache is None:
         model.model.embed_tokens.to(device)
         if getattr(model.model, "rotary_emb", None) is not None:
@@ -1396,6 +1407,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 ),
             },
             "first_layer_cache": first_layer_report,
+            "fused_layers": fused_names,
             "control_vector_norms": [float(c.float().norm()) for c in cvs],
             "layers_loaded": len(layers),
             "resumed_from_step": start if resume_state is not None else None,

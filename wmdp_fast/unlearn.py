@@ -249,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(auto: on where that memory is available)",
     )
     add.add_argument(
+        "--fused-layers",
+        dest="fused_layers",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run the replayed layers' RMSNorms and SwiGLU MLPs (Llama/Mistral/Qwen2 style) "
+        "with wmdp_fast's fused Triton kernels: the same roundings to the model dtype, fewer "
+        "memory passes (auto: on CUDA; off: transformers' eager modules)",
+    )
+    add.add_argument(
         "--dtype",
         default="auto",
         help="model dtype: auto (on CUDA the checkpoint's own dtype, as the published "
@@ -354,6 +363,7 @@ def config_from_args(args: argparse.Namespace):
         cache_format=args.cache_format,
         cache_device=args.cache_device,
         first_layer_cache=args.first_layer_cache,
+        fused_layers=args.fused_layers,
         dtype=args.dtype,
         device=args.device,
         eval_tasks=args.eval_tasks or [],

@@ -56,11 +56,14 @@ want info && step info 60 python -m wmdp_fast.info
 # pytest-xdist is in the image: 4 workers share the GPU and compile the Triton kernels in parallel
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
 want gpu-tests && step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors $XDIST
-want bench-gather && step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --rows 16384 --dtypes bfloat16,float32
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # the GPU image has no mistral_common: the tokenizer travels in .gpu/tok
   # (python -c "from wmdp_fast.testing import save_mistral_tokenizer as s; s('.gpu/tok')")
+  # per-step A/B rows: layer-first cache, fused AdamW, fused layers, all off (plain replay)
   want bench-rmu && step bench-rmu 150 python benchmarks/bench_rmu.py --device cuda --arch zephyr-7b
+fi
+want bench-gather && step bench-gather 90 python benchmarks/bench_gather_table.py --device cuda --rows 16384 --dtypes bfloat16,float32
+if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   want bench-eval && step bench-eval 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --json "$OUT/bench_eval_bf16.json"
 fi
 want bench-rmu-mse && step bench-rmu-mse 90 python benchmarks/bench_rmu_mse_table.py --device cuda
@@ -68,6 +71,9 @@ if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   want bench-eval-nf4 && step bench-eval-nf4 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --load-in-4bit --json "$OUT/bench_eval_nf4.json"
 fi
 want bench-rmu-mse-cv && step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_mse_table.py --device cuda --target cv --shapes "4,768,4096"
+# the kernels behind bench-rmu's A/B rows, alone (each prints whether it is bitwise eager)
+want bench-adamw && step bench-adamw 60 python benchmarks/bench_adamw.py --device cuda
+want bench-fused-layers && step bench-fused-layers 60 python benchmarks/bench_fused_layers.py --device cuda
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # end to end at the published 150 steps (writes a random Zephyr-7B to local disk: minutes;
   # usually cut by the budget in a full run: run it alone with GPU_CHECK_STEPS=bench-rmu-e2e)

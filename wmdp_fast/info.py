@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  triton        {info['triton']}")
     for dev, ops in info["backends"].items():
         print(f"  backends on {dev}:")
+        width = max(map(len, ops), default=0)
         for op, b in ops.items():
-            print(f"    {op:<18} {b}")
+            print(f"    {op:<{width}} {b}")
     return 0
 
 

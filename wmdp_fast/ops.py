@@ -21,7 +21,15 @@ log = logging.getLogger("wmdp_fast")
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GATHER_OPS = ("gather_logprobs", "choice_logprobs")
-TRITON_OPS = ("rmu_mse", "rmu_loss", "pack_activations", "unpack_activations")
+TRITON_OPS = (
+    "rmu_mse",
+    "rmu_loss",
+    "pack_activations",
+    "unpack_activations",
+    "rms_norm",
+    "swiglu",
+    "published_adamw_step",
+)
 OPS = GATHER_OPS + TRITON_OPS
 
 
@@ -179,9 +187,9 @@ def _cuda_fallback_message(op: str, family: str) -> str:
         )
     return (
         f"wmdp_fast: {op} got CUDA tensors but triton cannot be imported "
-        f"({_triton_import_error()}), so rmu_mse/rmu_loss/pack_activations/unpack_activations "
-        "run the plain-PyTorch reference on the GPU: float32 copies of the activations and an "
-        "unfused forward and backward. Install triton (pip install triton, the version your "
+        f"({_triton_import_error()}), so {'/'.join(TRITON_OPS)} "
+        "run the plain-PyTorch reference on the GPU (correct, but unfused: more memory "
+        "traffic, and float32 copies of the activations). Install triton (pip install triton, the version your "
         "torch build pins) to use the fused kernels. (Warned once per process.)"
     )
 
@@ -635,8 +643,6 @@ class RMULoss(torch.nn.Module):
 
 # --- fused RMSNorm and SwiGLU of the replayed decoder layers (session 3) ----------------------
 
-TRITON_OPS = TRITON_OPS + ("rms_norm", "swiglu")
-OPS = GATHER_OPS + TRITON_OPS
 RMS_NORM_MAX_D = 65536  # = kernels.rmsnorm.MAX_D: wider rows run the reference
 
 
@@ -717,9 +723,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # --- the published AdamW step, fused (issue 5's optimizer) ------------------------------------
-
-TRITON_OPS = TRITON_OPS + ("published_adamw_step",)
-OPS = GATHER_OPS + TRITON_OPS
 
 _adamw_strided_warned: list[bool] = []
 

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=None, help="wmdp_fast budget (auto)")
     p.add_argument("--load-in-4bit", action="store_true")
     p.add_argument("--skip-lm-eval", action="store_true")
+    p.add_argument(
+        "--no-fused", action="store_true", help="skip the --fused-layers A/B run (CUDA only)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="timed runs of each (median reported)")
     p.add_argument(
@@ -217,11 +220,19 @@ def main(argv=None) -> int:
     warm = MCQTask("warm", "biology", "synthetic", task.docs[:16])
     evaluate(model, tok, [warm], progress=False, batch_tokens=args.batch_tokens)
 
-    def time_ours(bt=args.batch_tokens):
+    def time_ours(bt=args.batch_tokens, fused=False):
         reset_peak(args.device)
         sync(args.device)
         t = time.perf_counter()
-        res = evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=bt)
+        res = evaluate(
+            model,
+            tok,
+            [task],
+            log_samples=True,
+            progress=False,
+            batch_tokens=bt,
+            fused_layers=fused,
+        )
         sync(args.device)
         return time.perf_counter() - t, res, peak_mem(args.device)
 
@@ -270,6 +281,18 @@ def main(argv=None) -> int:
             bt: (lambda r: f"{r[0]:.3f}s, {r[2]}")(time_ours(bt))
             for bt in [int(x) for x in args.sweep.split(",")]
         }
+    fused_pred = None
+    if cuda and not args.no_fused:
+        # A/B: --fused-layers (fused RMSNorm/SwiGLU; off by default for lm-eval parity)
+        evaluate(model, tok, [warm], progress=False, fused_layers=True)  # Triton compile
+        t_f, res_f, mem_f = time_ours(fused=True)
+        fused_pred = [s["pred"] for s in res_f["samples"]]
+        fused_ll = [x for s in res_f["samples"] for x in s["loglikelihoods"]]
+        report["wmdp_fast_fused_layers_s"] = round(t_f, 3)
+        report["fused_layers_peak_mem"] = mem_f
+        report["fused_vs_eager_max_abs_loglik_diff"] = max(
+            abs(a - b) for a, b in zip(fused_ll, ours_ll)
+        )
     if not args.skip_lm_eval:
         t_lm = statistics.median(lm_t)
         lm_pred = [max(range(4), key=lambda i: (lm_ll[4 * q + i], -i)) for q in range(n)]
@@ -286,6 +309,11 @@ def main(argv=None) -> int:
                 "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(ours_ll, lm_ll)),
             }
         )
+        if fused_pred is not None:
+            report["fused_layers_speedup"] = round(t_lm / report["wmdp_fast_fused_layers_s"], 2)
+            report["fused_layers_prediction_agreement"] = (
+                sum(a == b for a, b in zip(fused_pred, lm_pred)) / n
+            )
     for k, v in report.items():
         print(f"{k:>22}: {v}")
     if args.json:

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="context length for left truncation (default: lm-eval's rule from the config)",
     )
+    p.add_argument(
+        "--fused-layers",
+        action="store_true",
+        help="RMSNorm and SwiGLU MLPs (Llama/Mistral/Qwen2 style) as fused Triton kernels on "
+        "CUDA: faster, but bf16 log-likelihoods may differ from lm-eval's in the last bit",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow hub model code")
     p.add_argument("--output", help="write results JSON here")
     p.add_argument("--log-samples", help="write one JSON line per question here")
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         log_samples=bool(args.log_samples),
         progress=progress,
         model_name=args.model or "wmdp_fast-demo",
+        fused_layers=args.fused_layers,
     )
     res["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     res["limit"] = args.limit

@@ -187,3 +187,29 @@ def test_prefix_fingerprint_covers_tied_embeddings():
     with torch.no_grad():
         model.model.embed_tokens.weight[5] += 1.0
     assert model_prefix_fingerprint(model, 1) != before
+
+
+def test_pinned_pool_carves_disjoint_aligned_views():
+    """PinnedPool (page-locked chunks on CUDA machines; ordinary memory here): views of any
+    dtype and shape, 512-byte aligned within their chunk (page-aligned when pinned), never overlapping, a new chunk when one is full, and a
+    block of its own for a tensor larger than a chunk."""
+    from wmdp_fast.cache import PinnedPool
+
+    pool = PinnedPool(chunk_bytes=4096, pinned=False)
+    shapes = [((10, 25), torch.float32), ((3, 7), torch.bfloat16), ((999,), torch.int8),
+              ((2, 2, 64), torch.float16), ((5000,), torch.uint8), ((1,), torch.int64),
+              ((31, 33), torch.float32)]  # fmt: skip
+    views = []
+    for i, (shape, dtype) in enumerate(shapes):
+        v = pool.empty(shape, dtype)
+        assert v.shape == shape and v.dtype == dtype and v.is_contiguous()
+        assert (v.data_ptr() - v.untyped_storage().data_ptr()) % 512 == 0  # from the chunk
+        v.fill_(i + 1)
+        views.append(v)
+    for i, v in enumerate(views):  # nothing overwrote anything
+        assert torch.all(v == i + 1), i
+    bases = {v.untyped_storage().data_ptr() for v in views}
+    # 1000, 42, 999 and 512 bytes fill chunk 1 to 3072 (each step 512-aligned); 5000 > 4096
+    # gets its own block; 8 bytes -> chunk 1 (3584); 4092 no longer fits -> chunk 2
+    assert len(bases) == 3
+    assert views[4].untyped_storage().nbytes() == 5000

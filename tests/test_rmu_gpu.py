@@ -167,3 +167,21 @@ def test_cuda_layer_first_cache_is_bitwise_the_full_replay(tmp_path, tiny, cache
     for name, t in off.params.items():
         assert torch.equal(on.params[name], t), name
     assert on.report["losses"] == off.report["losses"]
+
+
+def test_cuda_pinned_disk_cache_hit_trains_the_same(tmp_path, tiny):
+    """--cache-dir with the cache in pinned CPU memory (PinnedPool chunks): a run served from
+    the disk cache trains bitwise what the run that built it trained."""
+    model_dir, corpus = tiny
+    kw = dict(
+        max_num_batches=3,
+        device="cuda",
+        dtype="bfloat16",
+        cache_device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    a = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+    b = run_rmu(tiny_cfg(tmp_path / "b", model_dir, corpus, **kw), progress=False)
+    assert not a.report["cache"]["hit"] and b.report["cache"]["hit"]
+    for name, t in a.params.items():
+        assert torch.equal(b.params[name], t), name

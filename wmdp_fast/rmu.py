@@ -339,6 +339,9 @@ def prepare_replay(
     targets: dict[int, torch.Tensor] = {}
     parts: dict[int, object] | None = {} if split else None
     reason = None
+    # pinned memory carved from large chunks (targets and split batches live and die apart)
+    t_pool = cache_mod.PinnedPool() if pin else None
+    p_pool = cache_mod.PinnedPool() if pin and split else None
     desc = "retain targets" + (" + layer-first cache" if split else "")
     with torch.no_grad():
         for e in tqdm(ids, desc=desc, disable=not progress, unit="batch"):
@@ -359,15 +362,15 @@ def prepare_replay(
                     )
                 else:
                     parts[e] = cache_mod.CachedBatch(
-                        cache_mod.store(residual, storage, pin),
+                        cache_mod.store(residual, storage, pin, p_pool),
                         cache.entries[e].token_mask,
                         cache.entries[e].kwargs,
-                        act=cache_mod.store(act, storage, pin),
+                        act=cache_mod.store(act, storage, pin, p_pool),
                     )
                 if e in need:
                     out = replay(layers[1:], out, b.kwargs)
             if e in need:
-                targets[e] = cache_mod.store(out.detach(), storage, pin)
+                targets[e] = cache_mod.store(out.detach(), storage, pin, t_pool)
     return targets, parts, reason
 
 

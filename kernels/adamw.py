@@ -190,3 +190,24 @@ def adamw_step(
             num_warps=num_warps,
             enable_fp_fusion=False,
         )
+
+
+@triton.jit
+def _fma_probe_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    a = tl.load(a_ptr + offs, mask=live, other=0.0)
+    b = tl.load(b_ptr + offs, mask=live, other=0.0)
+    c = tl.load(c_ptr + offs, mask=live, other=0.0)
+    tl.store(out_ptr + offs, tl.fma(a, b, c), mask=live)
+
+
+def fma_probe(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """tl.fma(a, b, c) elementwise (float32, contiguous, one shape): the tests ask the
+    interpreter whether its fma rounds once, as the GPU's does (triton 3.6's interpreter
+    rounds a * b and then the sum; 3.9's rounds once)."""
+    out = torch.empty_like(a)
+    n = a.numel()
+    with _launch_ctx(a.device):
+        _fma_probe_kernel[(triton.cdiv(n, 1024),)](a, b, c, out, n, BLOCK=1024)
+    return out

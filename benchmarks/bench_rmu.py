@@ -258,7 +258,10 @@ def end_to_end(arch, cfg, args, device, dtype):
     root = Path(tempfile.mkdtemp(prefix="bench_rmu_", dir=args.workdir))
     ckpt = root / "model"
     model = build_model(arch, device, dtype)
-    model.save_pretrained(str(ckpt))
+    # sharded like HuggingFaceH4/zephyr-7b-beta on the hub (8 files of ~1.9 GB), not in
+    # transformers 5's default single 50GB-limit shard: run_rmu rewrites only the shards holding
+    # trained tensors (copied, then those bytes patched), so the layout is part of its timing
+    model.save_pretrained(str(ckpt), max_shard_size="2GB")
     tok = save_mistral_tokenizer(ckpt)
     del model
     gc.collect()

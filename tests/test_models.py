@@ -363,3 +363,46 @@ def test_mistral_tokenizer_without_mistral_common(tmp_path, monkeypatch):
     monkeypatch.setattr(wmdp_fast.testing, "__file__", str(tmp_path / "pkg" / "testing.py"))
     with pytest.raises(ImportError, match="WMDP_FAST_MISTRAL_TOKENIZER"):
         mistral_tokenizer_file()
+
+
+def test_rewritten_shard_is_the_original_with_only_those_bytes_changed(tmp_path):
+    """The shard holding a trained tensor is a copy of the original, header and layout
+    untouched, with only that tensor's bytes rewritten (cast to the stored dtype); the source
+    file (perhaps hard-linked into other outputs) is not modified; a symlinked shard (a hub
+    snapshot) is copied, not followed into the blob; a broken file is a clear ModelError."""
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.w": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+        "b.w": torch.randn(33, generator=gen),
+        "c.w": torch.randn(4, 4, generator=gen).to(torch.float16),
+    }
+    blob = tmp_path / "blob.safetensors"
+    save_file(tensors, str(blob), metadata={"format": "pt", "note": "kept"})
+    (src / "model.safetensors").symlink_to(blob)
+    before = blob.read_bytes()
+    new = torch.randn(33, generator=gen, dtype=torch.float64)  # cast to the stored float32
+    out = tmp_path / "out"
+    assert save_updated_checkpoint(src, out, {"b.w": new}) == ["model.safetensors"]
+    after = (out / "model.safetensors").read_bytes()
+    assert blob.read_bytes() == before and not (out / "model.safetensors").is_symlink()
+    assert len(after) == len(before)
+    changed = [i for i, (x, y) in enumerate(zip(before, after)) if x != y]
+    from wmdp_fast.models import _read_safetensors_header
+
+    header, start = _read_safetensors_header(blob)
+    lo, hi = header["b.w"]["data_offsets"]
+    assert changed and start + lo <= min(changed) and max(changed) < start + hi
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "note": "kept"}
+        assert torch.equal(fh.get_tensor("b.w"), new.float())
+        assert torch.equal(fh.get_tensor("a.w"), tensors["a.w"])
+        assert torch.equal(fh.get_tensor("c.w"), tensors["c.w"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        save_updated_checkpoint(bad, tmp_path / "o", {"b.w": new}, model=None)

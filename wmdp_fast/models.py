@@ -483,10 +483,8 @@ def _weight_map(src: Path) -> dict[str, str]:
         return json.loads(index.read_text())["weight_map"]
     single = src / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as fh:
-            return {k: "model.safetensors" for k in fh.keys()}
+        header, _ = _read_safetensors_header(single)
+        return {k: "model.safetensors" for k in header if k != "__metadata__"}
     raise ModelError(
         f"{src} holds no model.safetensors(.index.json): only safetensors checkpoints can be "
         "saved with replaced tensors; convert it with save_pretrained(safe_serialization=True)"
@@ -500,6 +498,59 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src.resolve(), dst)  # safetensors files are never modified in place
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, data_start): the JSON header of a safetensors file and where its data begins."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path}: not a safetensors file (shorter than its header size)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise ModelError(f"{path}: not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as exc:
+            raise ModelError(f"{path}: unreadable safetensors header ({exc})") from exc
+    return header, 8 + n
+
+
+def _patch_shard(src: Path, dst: Path, updated: dict[str, torch.Tensor]) -> None:
+    """Write `dst` = the safetensors file `src` with the tensors in `updated` replaced, same
+    header and layout: the file is copied (in the kernel: copy_file_range/sendfile, a reflink
+    where the file system has them) and only the replaced tensors' bytes are rewritten, cast
+    to the dtype they are stored in. Nothing else of the shard passes through Python or memory
+    (a 14.5 GB single-shard 7B checkpoint is not read into RAM to change 350 MB)."""
+    import shutil
+
+    from safetensors.torch import _TYPES
+
+    header, start = _read_safetensors_header(src)
+    patches = []
+    for k, new in updated.items():
+        info = header.get(k)
+        if not isinstance(info, dict) or info.get("dtype") not in _TYPES:
+            raise ModelError(f"{k}: not a tensor of a dtype torch reads in {src}")
+        stored = _TYPES[info["dtype"]]
+        new = new.detach().to("cpu")
+        if list(new.shape) != list(info["shape"]):
+            raise ModelError(
+                f"{k}: updated shape {tuple(new.shape)} != stored {tuple(info['shape'])}"
+            )
+        data = new.to(stored).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        begin, end = info["data_offsets"]
+        if end - begin != len(data):  # cannot happen for a well-formed file
+            raise ModelError(f"{k}: {end - begin} bytes stored in {src}, {len(data)} to write")
+        patches.append((start + begin, data))
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as fh:
+        for offset, data in sorted(patches, key=lambda x: x[0]):
+            fh.seek(offset)
+            fh.write(data)
 
 
 def save_updated_checkpoint(
@@ -516,9 +567,6 @@ def save_updated_checkpoint(
     fused `mlp.experts.gate_up_proj` / `down_proj` parameters).
     """
     import shutil
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     src, out = Path(src_dir), Path(out_dir)
     wmap = _weight_map(src)
@@ -539,21 +587,8 @@ def save_updated_checkpoint(
         if not f.is_file() or f.name.startswith("."):
             continue
         if f.name in shards:
-            tensors, metadata = {}, None
-            with safe_open(str(f), "pt") as fh:
-                metadata = fh.metadata()
-                for k in fh.keys():
-                    t = fh.get_tensor(k)
-                    if k in updated:
-                        new = updated[k].detach().to("cpu")
-                        if new.shape != t.shape:
-                            raise ModelError(
-                                f"{k}: updated shape {tuple(new.shape)} != stored {tuple(t.shape)}"
-                            )
-                        t = new.to(t.dtype).contiguous()
-                    tensors[k] = t
-            save_file(tensors, str(out / f.name), metadata=metadata)
-            set_new_file_mode(out / f.name)  # save_file creates it 0600
+            _patch_shard(f, out / f.name, {k: v for k, v in updated.items() if wmap[k] == f.name})
+            set_new_file_mode(out / f.name)
         elif f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
             _link_or_copy(f, out / f.name)
         elif f.name.endswith(_FOREIGN_WEIGHT_SUFFIXES) or f.name.endswith(".bin.index.json"):

@@ -37,3 +37,18 @@ def test_readme_rmu_example_trains(capsys):
     out = capsys.readouterr().out
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+) =", out)]
     assert len(losses) == 3 and losses[2] < losses[0]
+
+
+def test_readme_fuse_layers_example_patches_and_restores():
+    [example] = [
+        b for b in _section_blocks("## Using the fused ops") if "fuse_decoder_layers(" in b
+    ]
+    ns: dict = {"torch": torch}
+    exec(compile(example, str(README), "exec"), ns)
+    assert sorted(ns["patched"]) == sorted(
+        f"{i}.{m}" for i in (0, 1) for m in ("input_layernorm", "post_attention_layernorm", "mlp")
+    )
+    assert ns["out"].logits.shape == (1, 3, 32000)
+    from wmdp_fast.fused_layers import fused_modules
+
+    assert fused_modules(ns["model"]) == []

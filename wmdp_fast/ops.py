@@ -641,7 +641,7 @@ class RMULoss(torch.nn.Module):
         )
 
 
-# --- fused RMSNorm and SwiGLU of the replayed decoder layers (session 3) ----------------------
+# --- fused RMSNorm and SwiGLU (transformers' Llama/Mistral/Qwen2 modules) -------------------------
 
 RMS_NORM_MAX_D = 65536  # = kernels.rmsnorm.MAX_D: wider rows run the reference
 

@@ -237,7 +237,7 @@ def rmu_mse_grad(
     return (diff * coeff).to(hidden.dtype)
 
 
-# --- fused RMSNorm and SwiGLU of the replayed decoder layers (session 3) ----------------------
+# --- fused RMSNorm and SwiGLU (transformers' Llama/Mistral/Qwen2 modules) -------------------------
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
+from _timing import peak_extra_mb as _peak_mb
+from _timing import time_fn as _time
 
 from wmdp_fast import ops, reference
 from wmdp_fast.fused_layers import fuse_decoder_layers, unfuse_decoder_layers
@@ -42,48 +42,6 @@ from wmdp_fast.fused_layers import fuse_decoder_layers, unfuse_decoder_layers
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ZEPHYR = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, batch=4, seq=512)
 CPU_TINY = dict(hidden=256, intermediate=768, heads=4, kv_heads=2, batch=2, seq=64)
-
-
-def _bench_cpu(fn, reps: int) -> tuple[float, float, float]:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times) * 1e3, q[1] * 1e3, q[7] * 1e3
-
-
-def _time(fn, device, reps: int, grad_to_none) -> tuple[float, float, float, float | None]:
-    """(median, p20, p80, GPU-only or None) in ms."""
-    if device.type != "cuda":
-        return (*_bench_cpu(fn, reps), None)
-    import triton.testing
-
-    med, lo, hi = triton.testing.do_bench(
-        fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
-    )
-    try:
-        r = triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none)
-        graph = float(r[0] if isinstance(r, (list, tuple)) else r)
-    except Exception as exc:  # noqa: BLE001 - report and go on
-        print(f"(CUDA graph capture failed: {exc!r})", file=sys.stderr)
-        graph = None
-    return med, lo, hi, graph
-
-
-def _peak_mb(fn, device, grad_to_none) -> float | None:
-    if device.type != "cuda":
-        return None
-    for t in grad_to_none:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def make_layer(shape: dict, dtype: torch.dtype, device: torch.device):

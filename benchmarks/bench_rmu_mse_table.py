@@ -40,13 +40,13 @@ import argparse
 import contextlib
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from _timing import peak_extra_mb
+from _timing import time_fn as _time
 
 from wmdp_fast import ops
 
@@ -71,59 +71,9 @@ def _env(values: dict):
                 os.environ[k] = v
 
 
-def _bench_cpu(fn, reps: int) -> tuple[float, float, float]:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times) * 1e3, q[1] * 1e3, q[7] * 1e3
-
-
-def _bench_cuda(fn, grad_to_none) -> tuple[float, float, float]:
-    import triton.testing
-
-    med, lo, hi = triton.testing.do_bench(
-        fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
-    )
-    return med, lo, hi
-
-
-def _bench_cuda_graph(fn, grad_to_none) -> float | None:
-    """GPU time alone: fn captured in a CUDA graph and replayed (no Python/launch overhead),
-    as it runs inside a training step whose GPU work hides the host time. None if capture
-    fails."""
-    import triton.testing
-
-    try:
-        r = triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none)
-        return float(r[0] if isinstance(r, (list, tuple)) else r)
-    except Exception as exc:  # noqa: BLE001 - report and go on
-        print(f"(CUDA graph capture failed: {exc!r})", file=sys.stderr)
-        return None
-
-
 def _peak_extra_mb(fn, device, h) -> float | None:
     """Peak allocated during fn above the inputs (h.grad freed first: it is part of the cost)."""
-    if device.type != "cuda":
-        return None
-    h.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _time(step, device, reps: int, grad_to_none):
-    """(median, p20, p80, GPU-only or None) in ms."""
-    if device.type == "cuda":
-        med, lo, hi = _bench_cuda(step, grad_to_none)
-        return med, lo, hi, _bench_cuda_graph(step, grad_to_none)
-    return (*_bench_cpu(step, reps), None)
+    return peak_extra_mb(fn, device, [h])
 
 
 def copy_row(nbytes: int, device, dtype, reps: int) -> tuple:

@@ -207,3 +207,83 @@ def test_fused_layers_in_the_engine(tmp_path, mistral, corpus, monkeypatch):
         torch.testing.assert_close(fused.params[name], t, rtol=1e-4, atol=1e-6)
     for a, b in zip(fused.report["losses"], eager.report["losses"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_dropout_in_the_layer_is_not_split():
+    """The cached part runs in eval mode and the steps in train mode: a layer with dropout
+    (attention_dropout > 0 here) would train differently split, so it is replayed whole."""
+    model = _layer("mistral", attention_dropout=0.5)
+    layer = model.model.layers[1]
+    reason = first_layer_split_reason(layer, [layer.mlp.down_proj.weight])
+    assert reason is not None and "dropout" in reason
+    plain = _layer("mistral").model.layers[1]
+    assert first_layer_split_reason(plain, [plain.mlp.down_proj.weight]) is None
+
+
+def test_on_refuses_a_layer_that_fails_the_check(tmp_path, corpus):
+    model_dir = make_tiny_model(tmp_path / "g2", arch="gemma2", num_hidden_layers=3)
+    cfg = tiny_cfg(
+        tmp_path / "a", model_dir, corpus, max_num_batches=2, layer_id=1, layer_ids=[1],
+        first_layer_cache="on",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="--first-layer-cache on: .*not residual"):
+        run_rmu(cfg, progress=False)
+    assert not (tmp_path / "a" / "out").exists()
+
+
+def test_the_layer_inputs_are_freed_once_split(tmp_path, mistral, corpus, monkeypatch):
+    """With the layer-first cache the captured inputs of layer `first` are dropped before
+    training (the residual replaces them), unless the caller keeps the cache."""
+    import weakref
+
+    import wmdp_fast.cache as cache_mod
+
+    refs = []
+    real = cache_mod.capture_layer_inputs
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        refs.extend(weakref.ref(e.hidden) for e in out)
+        return out
+
+    monkeypatch.setattr(cache_mod, "capture_layer_inputs", spy)
+    alive = []
+    cfg = tiny_cfg(tmp_path / "a", mistral, corpus, max_num_batches=3)
+    run_rmu(
+        cfg,
+        progress=False,
+        step_callback=lambda s, r: alive.append(sum(x() is not None for x in refs)),
+    )
+    assert refs and alive == [0, 0, 0]
+    refs.clear()
+    alive.clear()
+    run_rmu(
+        tiny_cfg(tmp_path / "b", mistral, corpus, max_num_batches=3, first_layer_cache="off"),
+        progress=False,
+        step_callback=lambda s, r: alive.append(sum(x() is not None for x in refs)),
+    )
+    assert alive == [len(refs)] * 3  # without the split the steps read them
+
+
+def test_preflight_names_first_layer_cache_off():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from wmdp_fast.errors import ResourceError
+    from wmdp_fast.rmu import RMUConfig, estimate_gpu_memory, preflight
+
+    cfg = MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    rcfg, bf16, gib = RMUConfig(), torch.bfloat16, 2**30
+    cache_b, split_b = gib // 2, 3 * gib  # both on the GPU
+    with_split = estimate_gpu_memory(model, rcfg, 5, bf16, 512, cache_b + split_b, True)
+    without = estimate_gpu_memory(model, rcfg, 5, bf16, 512, cache_b, True)
+    assert without < with_split
+    with pytest.raises(ResourceError, match="--first-layer-cache off"):
+        preflight(
+            model, rcfg, 5, bf16, 512, cache_b + split_b, True, (with_split + without) // 2,
+            split_width=14336, split_bytes=split_b,
+        )  # fmt: skip

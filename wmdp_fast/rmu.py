@@ -274,8 +274,20 @@ def first_layer_split_reason(layer, trained_params) -> str | None:
     own = {id(p) for p in layer.parameters()}
     in_down = {id(p) for p in down.parameters()}
     mine = [p for p in trained_params if id(p) in own]
-    if not mine or any(id(p) not in in_down for p in mine):
+    if not mine:
+        return "no tensor of that layer is trained"
+    if any(id(p) not in in_down for p in mine):
         return "tensors other than mlp.down_proj are trained in that layer"
+    # the cached part runs in eval mode, the steps in train mode: with dropout they differ
+    for name, m in layer.named_modules():
+        rates = [getattr(m, "p", 0.0)] if isinstance(m, torch.nn.Dropout) else []
+        rates += [
+            v
+            for k, v in vars(m).items()
+            if ("dropout" in k or "pdrop" in k) and isinstance(v, float)
+        ]
+        if any(r > 0 for r in rates):
+            return f"{type(layer).__name__}.{name or 'forward'} applies dropout in training"
     return None
 
 
@@ -288,16 +300,19 @@ def split_first_layer(layer, hidden: torch.Tensor, kwargs: dict):
     and such a layer is replayed whole)."""
     got: dict[str, torch.Tensor] = {}
 
-    def pre(module, args):
-        got.setdefault("residual", args[0])
+    def first_arg(args, kwargs):
+        return args[0] if args else next(iter(kwargs.values()), None)
 
-    def post(module, args, out):
-        got.setdefault("act", args[0])
+    def pre(module, args, kwargs):
+        got.setdefault("residual", first_arg(args, kwargs))
+
+    def post(module, args, kwargs, out):
+        got.setdefault("act", first_arg(args, kwargs))
         got.setdefault("down", out)
 
     handles = [
-        layer.post_attention_layernorm.register_forward_pre_hook(pre),
-        layer.mlp.down_proj.register_forward_hook(post),
+        layer.post_attention_layernorm.register_forward_pre_hook(pre, with_kwargs=True),
+        layer.mlp.down_proj.register_forward_hook(post, with_kwargs=True),
     ]
     try:
         out = layer(hidden, **kwargs)
@@ -305,7 +320,8 @@ def split_first_layer(layer, hidden: torch.Tensor, kwargs: dict):
         for h in handles:
             h.remove()
     out = out[0] if isinstance(out, tuple) else out
-    if len(got) == 3 and torch.equal(out, got["residual"] + got["down"]):
+    parts = [got.get(k) for k in ("residual", "act", "down")]
+    if all(isinstance(t, torch.Tensor) for t in parts) and torch.equal(out, parts[0] + parts[2]):
         return out, got["residual"], got["act"]
     return out, None, None
 
@@ -491,15 +507,25 @@ def estimate_gpu_memory(
 
 
 def host_available_bytes() -> int | None:
-    """The CPU memory available for new allocations (MemAvailable on Linux), or None."""
+    """The CPU memory available for new allocations: MemAvailable on Linux, or less where a
+    cgroup (v2, e.g. a container) limits this process to less; None when unknown."""
+    avail = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        avail = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            left = max(0, int(limit) - used)
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def preflight(
@@ -513,6 +539,7 @@ def preflight(
     free_bytes: int,
     device="cuda",
     split_width: int = 0,
+    split_bytes: int = 0,
 ) -> dict:
     """Check the estimated GPU memory against `free_bytes` before anything goes to the GPU.
     Raises ResourceError naming the flag(s) that would make the run fit."""
@@ -528,6 +555,18 @@ def preflight(
         )
 
     options = []
+    if split_width:  # the layer-first cache (in cache_bytes when on the GPU, else streamed)
+        n = estimate_gpu_memory(
+            model,
+            cfg,
+            first,
+            dtype,
+            max_tokens,
+            cache_bytes - (split_bytes if cache_on_gpu else 0),
+            cache_on_gpu,
+        )
+        if n <= free_bytes:
+            options.append(("--first-layer-cache off", n))
     if cache_on_gpu and est() <= free_bytes:
         options.append(("--cache-device cpu", est()))
     for flag, kw in (("--offload", {"offload": True}), ("--load-in-4bit", {"load_in_4bit": True})):
@@ -1051,16 +1090,23 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             return device if small else torch.device("cpu")
         return torch.device(cfg.cache_device if cfg.cache_device == "cpu" else device)
 
-    storage = choose_storage(cache_bytes + split_bytes)
+    # where the cache lives is decided by the cache alone; the layer-first cache goes with it
+    storage = choose_storage(cache_bytes)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     if split_bytes and cfg.first_layer_cache == "auto":
         # an optimisation (the same numbers either way): only where the memory is there
         if storage.type == "cpu":
             avail = host_available_bytes()
-            if avail is not None and split_bytes > avail // 2:
+            # besides it in CPU memory: the cache, the loaded layers (embeddings + layer_id + 1)
+            layer_b = sum(p.numel() for p in get_decoder_layers(skeleton)[0].parameters()) * tsize
+            model_b = (
+                cfg.layer_id + 1
+            ) * layer_b + skeleton.model.embed_tokens.weight.numel() * tsize
+            if avail is not None and split_bytes > (avail - cache_bytes - model_b) // 2:
                 split_reason = (
                     f"it needs {split_bytes / 2**30:.1f} GiB of CPU memory and "
-                    f"{avail / 2**30:.1f} GiB are available"
+                    f"{avail / 2**30:.1f} GiB are available (the cache and the model need "
+                    f"{(cache_bytes + model_b) / 2**30:.1f})"
                 )
         elif free is not None:
             est = estimate_gpu_memory(
@@ -1070,7 +1116,6 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 split_reason = f"it does not fit in the free memory of {device}"
         if split_reason is not None:
             split_width = split_bytes = 0
-            storage = choose_storage(cache_bytes)
     memory = None
     if device.type == "cuda":
         memory = preflight(
@@ -1084,6 +1129,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             free,
             device,
             split_width=split_width,
+            split_bytes=split_bytes,
         )
     del skeleton
     timings["checks_s"] = time.perf_counter() - t0
@@ -1189,6 +1235,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         )
         del encodings
         cache = cache_mod.ActivationCache(stored, f_idx, r_idx, cache_fp, {"hit": False})
+        del stored  # the cache holds the batches; the layer-first cache may drop them later
         if cfg.cache_dir:
             try:
                 cache.info["path"] = str(cache_mod.save_cache(cache, cfg.cache_dir, components))
@@ -1215,23 +1262,43 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     t0 = time.perf_counter()
     n_entries, cache_nbytes = len(cache.entries), cache.nbytes()
     need_ids = sorted(set(r_idx) | (set(f_idx) if cfg.verbose else set()))
-    targets, parts, reason = prepare_replay(
-        list(layers[first : cfg.layer_id + 1]),
-        cache,
-        need_ids,
-        device,
-        dtype,
-        storage,
-        pin,
-        split=split_width > 0,
-        progress=progress,
-    )
+    try:
+        targets, parts, reason = prepare_replay(
+            list(layers[first : cfg.layer_id + 1]),
+            cache,
+            need_ids,
+            device,
+            dtype,
+            storage,
+            pin,
+            split=split_width > 0,
+            progress=progress,
+        )
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc) and "alloc" not in str(exc).lower():
+            raise
+        where = "pinned CPU" if pin else storage.type
+        fix = (
+            "--first-layer-cache off"
+            if split_width
+            else ("fewer batches (--max_num_batches)" if pin else "--cache-device cpu")
+        )
+        raise ResourceError(
+            f"out of {where} memory while computing the retain targets"
+            + (" and the layer-first cache" if split_width else "")
+            + f": try {fix} ({exc})"
+        ) from exc
     split_reason = split_reason or reason
     train_cache = cache
     if parts is not None:
         train_cache = dataclasses.replace(cache, entries=[parts[e] for e in range(n_entries)])
         if not keep_cache:
             cache = train_cache  # the inputs of layer `first` are not needed any more
+            if pin and hasattr(torch._C, "_host_emptyCache"):
+                # their page-locked chunks go back to the OS, not to PyTorch's host cache
+                torch._C._host_emptyCache()
+    elif cfg.first_layer_cache == "on":
+        raise ConfigError(f"--first-layer-cache on: {split_reason}; rerun without it")
     else:
         log.info("layer-first cache off: %s", split_reason)
     first_layer_report = {

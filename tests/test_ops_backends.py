@@ -200,3 +200,16 @@ def test_gpu_ops_run_their_kernels_without_fallback_warning(monkeypatch, caplog)
     assert _warnings(caplog) == []
     want = reference.choice_logprobs(logits, torch.tensor([1, 5, 999], device="cuda"))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_compiled_triton_launches_are_put_on_the_tensors_device():
+    """Triton launches on the current CUDA device: the ops enter the tensors' device first
+    (a model on cuda:1 while cuda:0 is current). Nothing to enter on the CPU or interpreted."""
+    import contextlib
+
+    from wmdp_fast import ops
+
+    ctx = ops._on_device("triton", torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    for backend, dev in (("triton-interpret", "cpu"), ("reference", "cuda:1"), ("triton", "cpu")):
+        assert isinstance(ops._on_device(backend, torch.device(dev)), contextlib.nullcontext)

@@ -7,6 +7,7 @@ Triton kernels (RMU losses, cache packing) when available, else the plain-PyTorc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -303,6 +304,14 @@ def _kernel_module(name: str, backend: str):
     return kernels.load(name, interpret=backend == "triton-interpret")
 
 
+def _on_device(backend: str, device: torch.device):
+    """Context for a compiled Triton launch: Triton launches on the CURRENT CUDA device, so a
+    tensor on cuda:1 while cuda:0 is current would be handed to a kernel on the wrong GPU."""
+    if backend == "triton" and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _check_number(op: str, name: str, value) -> float:
     try:
         v = float(value)
@@ -473,7 +482,8 @@ def rmu_mse(
     backend = _select_backend(op, hidden.device)
     if backend == "reference":
         return reference.rmu_mse(hidden, target, mask, scale)
-    return _kernel_module("rmu_mse", backend).rmu_mse(hidden, target, mask, scale, count)
+    with _on_device(backend, hidden.device):
+        return _kernel_module("rmu_mse", backend).rmu_mse(hidden, target, mask, scale, count)
 
 
 def rmu_loss(
@@ -529,17 +539,18 @@ def rmu_loss(
         return reference.rmu_loss(
             h_forget, control_vec, h_retain, retain_target, alpha, forget_mask, retain_mask
         )
-    return _kernel_module("rmu_mse", backend).rmu_loss(
-        h_forget,
-        control_vec,
-        h_retain,
-        retain_target,
-        alpha,
-        forget_mask,
-        retain_mask,
-        count_f,
-        count_r,
-    )
+    with _on_device(backend, h_forget.device):
+        return _kernel_module("rmu_mse", backend).rmu_loss(
+            h_forget,
+            control_vec,
+            h_retain,
+            retain_target,
+            alpha,
+            forget_mask,
+            retain_mask,
+            count_f,
+            count_r,
+        )
 
 
 def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivations:
@@ -566,7 +577,8 @@ def pack_activations(hidden: torch.Tensor, fmt: str = "bf16") -> PackedActivatio
     if backend == "reference":
         packed = reference.pack_activations(hidden, fmt)
     else:
-        packed = _kernel_module("pack", backend).pack_int8(hidden)
+        with _on_device(backend, hidden.device):
+            packed = _kernel_module("pack", backend).pack_int8(hidden)
     if not bool(torch.isfinite(packed.scale).all()):
         pos = tuple((~torch.isfinite(packed.scale)).nonzero()[0].tolist())
         raise DataError(
@@ -592,7 +604,8 @@ def unpack_activations(packed: PackedActivations, dtype: torch.dtype | None = No
     backend = _select_backend("unpack_activations", packed.device)
     if backend == "reference":
         return reference.unpack_activations(packed, dtype)
-    return _kernel_module("pack", backend).unpack_int8(packed, dtype or packed.dtype)
+    with _on_device(backend, packed.device):
+        return _kernel_module("pack", backend).unpack_int8(packed, dtype or packed.dtype)
 
 
 class RMULoss(torch.nn.Module):
@@ -687,7 +700,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         return reference.rms_norm(x, weight, eps)
     if weight.stride(0) != 1:
         weight = weight.contiguous()
-    return _kernel_module("rmsnorm", backend).rms_norm(x, weight, eps)
+    with _on_device(backend, x.device):
+        return _kernel_module("rmsnorm", backend).rms_norm(x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -719,7 +733,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     backend = _select_backend(op, gate.device)
     if backend == "reference":
         return reference.swiglu(gate, up)
-    return _kernel_module("swiglu", backend).swiglu(gate, up)
+    with _on_device(backend, gate.device):
+        return _kernel_module("swiglu", backend).swiglu(gate, up)
 
 
 # --- the published AdamW step, fused (issue 5's optimizer) ------------------------------------

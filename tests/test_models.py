@@ -406,3 +406,32 @@ def test_rewritten_shard_is_the_original_with_only_those_bytes_changed(tmp_path)
     (bad / "model.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(ModelError, match="not a safetensors file"):
         save_updated_checkpoint(bad, tmp_path / "o", {"b.w": new}, model=None)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "fallback"])
+def test_copy_file_in_the_kernel_or_not(tmp_path, monkeypatch, kernel_copy):
+    import os
+
+    from wmdp_fast.models import _copy_file
+
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(3 << 20) + b"tail")
+    if not kernel_copy:
+
+        def unsupported(*a, **kw):
+            raise OSError(95, "Operation not supported")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    _copy_file(src, tmp_path / "b.bin")
+    assert (tmp_path / "b.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_header_that_is_not_an_object_is_a_model_error(tmp_path):
+    import struct
+
+    from wmdp_fast.models import _read_safetensors_header
+
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(ModelError, match="not a JSON object"):
+        _read_safetensors_header(f)

@@ -516,37 +516,74 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(fh.read(n))
         except ValueError as exc:
             raise ModelError(f"{path}: unreadable safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (its header is not a JSON object)")
     return header, 8 + n
+
+
+# safetensors' dtype names (the format's specification)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy src to dst inside the kernel: copy_file_range (which shares the blocks instead of
+    copying them on file systems with reflinks, e.g. XFS, Btrfs), else shutil's copy."""
+    import shutil
+
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        left = os.fstat(fi.fileno()).st_size
+        try:
+            while left > 0:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+        except (AttributeError, OSError):
+            left = -1
+    if left != 0:  # not supported here (another OS, file system or kernel): copy again
+        shutil.copyfile(src, dst)
 
 
 def _patch_shard(src: Path, dst: Path, updated: dict[str, torch.Tensor]) -> None:
     """Write `dst` = the safetensors file `src` with the tensors in `updated` replaced, same
-    header and layout: the file is copied (in the kernel: copy_file_range/sendfile, a reflink
-    where the file system has them) and only the replaced tensors' bytes are rewritten, cast
+    header and layout: the file is copied (`_copy_file`: in the kernel, blocks shared where the
+    file system has reflinks) and only the replaced tensors' bytes are rewritten, cast
     to the dtype they are stored in. Nothing else of the shard passes through Python or memory
     (a 14.5 GB single-shard 7B checkpoint is not read into RAM to change 350 MB)."""
-    import shutil
-
-    from safetensors.torch import _TYPES
+    import sys
 
     header, start = _read_safetensors_header(src)
     patches = []
     for k, new in updated.items():
         info = header.get(k)
-        if not isinstance(info, dict) or info.get("dtype") not in _TYPES:
+        if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
             raise ModelError(f"{k}: not a tensor of a dtype torch reads in {src}")
-        stored = _TYPES[info["dtype"]]
+        stored = _SAFETENSORS_DTYPES[info["dtype"]]
         new = new.detach().to("cpu")
         if list(new.shape) != list(info["shape"]):
             raise ModelError(
                 f"{k}: updated shape {tuple(new.shape)} != stored {tuple(info['shape'])}"
             )
-        data = new.to(stored).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        flat = new.to(stored).contiguous().reshape(-1)
+        if sys.byteorder == "big" and flat.element_size() > 1:  # the format is little-endian
+            flat = flat.view(torch.uint8).reshape(-1, flat.element_size()).flip(1)
+        data = flat.reshape(-1).view(torch.uint8).numpy().tobytes()
         begin, end = info["data_offsets"]
         if end - begin != len(data):  # cannot happen for a well-formed file
             raise ModelError(f"{k}: {end - begin} bytes stored in {src}, {len(data)} to write")
         patches.append((start + begin, data))
-    shutil.copyfile(src, dst)
+    _copy_file(src, dst)
     with open(dst, "r+b") as fh:
         for offset, data in sorted(patches, key=lambda x: x[0]):
             fh.seek(offset)

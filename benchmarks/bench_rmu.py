@@ -210,23 +210,23 @@ def engine_loop(
     layers = list(model.model.layers[first : cfg.layer_id + 1])
     if fused_layers is None:
         fused_layers = device.type == "cuda"
-    if fused_layers:
-        fuse_decoder_layers(layers)
-    pin = storage.type == "cpu" and device.type == "cuda"
-    targets, parts, reason = prepare_replay(
-        layers, cache, range(steps, 2 * steps), device, cvs[0].dtype, storage, pin, split=split
-    )
-    if split and parts is None:
-        raise RuntimeError(f"the layer-first cache does not apply: {reason}")
-    if parts is not None:
-        cache = dataclasses.replace(cache, entries=[parts[e] for e in range(2 * steps)])
-    sync(device)
-    prep_s = time.perf_counter() - t0
-    trainer = _Trainer(model, cfg, first, cvs, device)
-    trainer.opt.fused = fused_adamw
-    loader = _Loader(cache, targets, device, cvs[0].dtype)
     times, losses = [], []
     try:
+        if fused_layers:
+            fuse_decoder_layers(layers)
+        pin = storage.type == "cpu" and device.type == "cuda"
+        targets, parts, reason = prepare_replay(
+            layers, cache, range(steps, 2 * steps), device, cvs[0].dtype, storage, pin, split=split
+        )
+        if split and parts is None:
+            raise RuntimeError(f"the layer-first cache does not apply: {reason}")
+        if parts is not None:
+            cache = dataclasses.replace(cache, entries=[parts[e] for e in range(2 * steps)])
+        sync(device)
+        prep_s = time.perf_counter() - t0
+        trainer = _Trainer(model, cfg, first, cvs, device)
+        trainer.opt.fused = fused_adamw
+        loader = _Loader(cache, targets, device, cvs[0].dtype)
         for idx in range(steps):
             t0 = time.perf_counter()
             fb, rb, tgt = loader.get(idx, steps)

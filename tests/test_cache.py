@@ -191,14 +191,15 @@ def test_prefix_fingerprint_covers_tied_embeddings():
 
 def test_pinned_pool_carves_disjoint_aligned_views():
     """PinnedPool (page-locked chunks on CUDA machines; ordinary memory here): views of any
-    dtype and shape, 512-byte aligned within their chunk (page-aligned when pinned), never overlapping, a new chunk when one is full, and a
-    block of its own for a tensor larger than a chunk."""
+    dtype and shape, 512-byte aligned within their chunk (page-aligned when pinned), never
+    overlapping; chunks grow geometrically and hold at least 4 of the tensor asked for; a
+    tensor larger than a quarter of the largest chunk gets a block of its own."""
     from wmdp_fast.cache import PinnedPool
 
-    pool = PinnedPool(chunk_bytes=4096, pinned=False)
+    pool = PinnedPool(first_chunk=4096, max_chunk=1 << 16, pinned=False)
     shapes = [((10, 25), torch.float32), ((3, 7), torch.bfloat16), ((999,), torch.int8),
               ((2, 2, 64), torch.float16), ((5000,), torch.uint8), ((1,), torch.int64),
-              ((31, 33), torch.float32)]  # fmt: skip
+              ((31, 33), torch.float32), ((20000,), torch.uint8)]  # fmt: skip
     views = []
     for i, (shape, dtype) in enumerate(shapes):
         v = pool.empty(shape, dtype)
@@ -208,8 +209,9 @@ def test_pinned_pool_carves_disjoint_aligned_views():
         views.append(v)
     for i, v in enumerate(views):  # nothing overwrote anything
         assert torch.all(v == i + 1), i
-    bases = {v.untyped_storage().data_ptr() for v in views}
-    # 1000, 42, 999 and 512 bytes fill chunk 1 to 3072 (each step 512-aligned); 5000 > 4096
-    # gets its own block; 8 bytes -> chunk 1 (3584); 4092 no longer fits -> chunk 2
-    assert len(bases) == 3
-    assert views[4].untyped_storage().nbytes() == 5000
+    sizes = [v.untyped_storage().nbytes() for v in views]
+    # 1000, 42, 999 and 512 bytes fill the first chunk (4096 = 4 x 1024) to 3072; 5000 needs
+    # a chunk of at least 4 x 5120 -> 32768, where the next two go too; 20000 x 4 > 65536:
+    # a block of its own
+    assert sizes == [4096] * 4 + [32768] * 3 + [20000]
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 3

@@ -56,3 +56,27 @@ def test_modules_the_caller_fused_stay_fused(tok):
         model, tok, [MCQTask("t", "biology", "test", _docs(2))], progress=False, fused_layers=True
     )
     assert sorted(fused_modules(model)) == sorted(f"model.layers.0.{n}" for n in mine)
+
+
+def test_a_patch_failing_halfway_leaves_nothing_fused(tok, monkeypatch):
+    import wmdp_fast.fused_layers as fl
+
+    real, calls = fl._patch, []
+
+    def flaky(module, fn):
+        calls.append(module)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure while patching")
+        return real(module, fn)
+
+    monkeypatch.setattr(fl, "_patch", flaky)
+    model = _model()
+    with pytest.raises(RuntimeError, match="simulated"):
+        evaluate(
+            model,
+            tok,
+            [MCQTask("t", "biology", "test", _docs(2))],
+            progress=False,
+            fused_layers=True,
+        )
+    assert len(calls) == 3 and fused_modules(model) == []

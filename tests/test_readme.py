@@ -43,7 +43,7 @@ def test_readme_fuse_layers_example_patches_and_restores():
     [example] = [
         b for b in _section_blocks("## Using the fused ops") if "fuse_decoder_layers(" in b
     ]
-    ns: dict = {"torch": torch}
+    ns: dict = {}
     exec(compile(example, str(README), "exec"), ns)
     assert sorted(ns["patched"]) == sorted(
         f"{i}.{m}" for i in (0, 1) for m in ("input_layernorm", "post_attention_layernorm", "mlp")

@@ -250,24 +250,30 @@ class PinnedPool:
     """Page-locked CPU memory for many tensors of one lifetime (a cache, its targets), carved
     out of large chunks. PyTorch's pinned allocator rounds every block up to a power of two, so
     a [4, 512, 4096] bf16 batch (16.8 MB) would take a 32 MB block: half the pinned memory, and
-    the time to lock it, wasted. Here a chunk is `chunk_bytes` (a power of two, itself not
-    rounded) and tensors are 512-byte aligned views into it; a tensor larger than a chunk gets
-    a block of its own. A chunk is freed when the last tensor viewing it is. `pinned=False`
-    gives ordinary memory (tests of the carving on a machine without CUDA)."""
+    the time to lock it, wasted. Here chunks are powers of two (not rounded again) and tensors
+    are 512-byte aligned views into them. Chunks grow geometrically, from `first_chunk` bytes
+    (doubling per new chunk, up to `max_chunk`), and are always at least 4x the tensor asked
+    for: a chunk that filled up wastes at most a quarter of itself, the last one at most its
+    size (at most 1 GiB, and about a third of what the pool holds), and a small cache does not
+    lock hundreds of MB. A tensor larger than `max_chunk` / 4 gets a block of its own. A chunk is
+    freed when the last tensor viewing it is. `pinned=False` gives ordinary memory (tests of
+    the carving on a machine without CUDA)."""
 
-    def __init__(self, chunk_bytes: int = 256 << 20, pinned: bool = True):
-        self.chunk_bytes, self.pinned = int(chunk_bytes), pinned
+    def __init__(self, first_chunk: int = 16 << 20, max_chunk: int = 1 << 30, pinned: bool = True):
+        self.next_chunk, self.max_chunk, self.pinned = int(first_chunk), int(max_chunk), pinned
         self._chunk: torch.Tensor | None = None
         self._off = 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         step = -(-n // 512) * 512
-        if step > self.chunk_bytes:
+        if 4 * step > self.max_chunk:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
-        if self._chunk is None or self._off + step > self.chunk_bytes:
-            self._chunk = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+        if self._chunk is None or self._off + step > self._chunk.numel():
+            size = max(self.next_chunk, 1 << (4 * step - 1).bit_length())
+            self._chunk = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
             self._off = 0
+            self.next_chunk = min(2 * size, self.max_chunk)
         view = self._chunk[self._off : self._off + n].view(dtype).view(shape)
         self._off += step
         return view
@@ -325,7 +331,7 @@ def capture_layer_inputs(
     stop_at = 0 if prefix_layers_on_cpu else layer
     pin = storage.type == "cpu" and device.type == "cuda"
     # the hidden states apart from the rest: a caller may drop them and keep the kwargs
-    h_pool, kw_pool = (PinnedPool(), PinnedPool(16 << 20)) if pin else (None, None)
+    h_pool, kw_pool = (PinnedPool(), PinnedPool(1 << 20)) if pin else (None, None)
     captured: dict = {}
 
     def hook(module, args, kwargs):
@@ -508,7 +514,7 @@ def load_cache(
     try:
         tensors = load_file(str(tensor_file))
         entries = []
-        h_pool, kw_pool = (PinnedPool(), PinnedPool(16 << 20)) if pin else (None, None)
+        h_pool, kw_pool = (PinnedPool(), PinnedPool(1 << 20)) if pin else (None, None)
         for i, em in enumerate(meta["entries"]):
             kwargs = {}
             for k, spec in em["kwargs"].items():

@@ -475,20 +475,22 @@ def evaluate(
     )  # fmt: skip
     was_training = model.training
     model.eval()
-    fused: list[torch.nn.Module] = []
-    if fused_layers:
-        from wmdp_fast.fused_layers import fuse_decoder_layers
-
-        fused = [model.get_submodule(n) for n in fuse_decoder_layers(model)]
+    already: set[str] = set()
     try:
+        if fused_layers:
+            from wmdp_fast.fused_layers import fuse_decoder_layers, fused_modules
+
+            already = set(fused_modules(model))
+            fuse_decoder_layers(model)
         labels = [(t.name, i) for t in task_objs for i in range(len(t.docs))]
         loglik, greedy = score_sequences(model, seqs, requests, batch_tokens, progress, labels)
     finally:
         model.train(was_training)
-        if fused:  # only what this call patched
-            from wmdp_fast.fused_layers import unfuse_decoder_layers
+        if fused_layers:  # only what this call patched (also if patching failed halfway)
+            from wmdp_fast.fused_layers import fused_modules, unfuse_decoder_layers
 
-            unfuse_decoder_layers(fused)
+            mine = [model.get_submodule(n) for n in fused_modules(model) if n not in already]
+            unfuse_decoder_layers(mine)
 
     results: dict[str, dict] = {}
     samples: list[dict] = []

@@ -626,7 +626,7 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
     """PublishedAdamW hands CUDA tensors (here: the interpreted kernel, forced) to
     ops.published_adamw_step, one call per step value, and the update stays the eager one's
     (the interpreter's numpy arithmetic is not nvcc's: close, not bitwise; bitwise on CUDA is
-    a GPU test in tests/test_kernels_adamw.py). WMDP_FAST_FUSED_ADAMW=0 keeps the eager ops."""
+    a GPU test in tests/test_kernels_adamw.py). Opt-in: WMDP_FAST_FUSED_ADAMW=1."""
     from wmdp_fast import ops
     from wmdp_fast.rmu import PublishedAdamW
 
@@ -639,6 +639,7 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
         return real(ps, gs, ms, vs, t, *a)
 
     monkeypatch.setattr(ops, "published_adamw_step", spy)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "1")
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(33, 17, generator=gen), torch.randn(5, generator=gen)]
     fused = [p.clone().requires_grad_(True) for p in start]
@@ -656,5 +657,5 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
     for p, q, p0 in zip(fused, eager, start):
         assert (q.detach() - p0).abs().max() > 1e-5  # moved
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-9)
-    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "0")
-    assert not PublishedAdamW(eager, lr=1e-3).fused
+    monkeypatch.delenv("WMDP_FAST_FUSED_ADAMW")
+    assert not PublishedAdamW(eager, lr=1e-3).fused  # off by default (not yet run on a GPU)

@@ -179,7 +179,7 @@ def test_cli_flag(tmp_path):
 
     args = build_parser().parse_args(["--first-layer-cache", "off", "--fused-layers", "on"])
     assert args.first_layer_cache == "off" and args.fused_layers == "on"
-    assert build_parser().parse_args([]).fused_layers == "auto"
+    assert build_parser().parse_args([]).fused_layers == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--first-layer-cache", "maybe"])
 

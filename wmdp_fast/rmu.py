@@ -86,7 +86,8 @@ class RMUConfig:
     cache_format: str = "bf16"
     cache_device: str = "auto"
     first_layer_cache: str = "auto"  # see FIRST_LAYER_CACHE / --first-layer-cache
-    fused_layers: str = "auto"  # auto: on CUDA; fused RMSNorm/SwiGLU in the replayed layers
+    # fused RMSNorm/SwiGLU in the replayed layers (auto: on CUDA); off until measured on a GPU
+    fused_layers: str = "off"
     dtype: str = "auto"
     device: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
@@ -711,16 +712,15 @@ class PublishedAdamW(torch.optim.Optimizer):
         m, v = EMAs of g, g^2;  p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
     torch's AdamW instead adds eps to sqrt(v / (1 - b2^t)), an effective eps up to 1/sqrt(1 - b2)
     ~ 32x smaller; RMU gradients of a 7B model are near eps, so the steps differ several-fold.
-    Same operations in the same order as the transformers source (bitwise the same update). On
-    CUDA the sequence runs as one Triton pass per tensor (`ops.published_adamw_step`), which
-    rounds where PyTorch's CUDA kernels round (bitwise the eager step is checked by a GPU test);
-    `fused=False` or WMDP_FAST_FUSED_ADAMW=0 keeps the eager ops."""
+    Same operations in the same order as the transformers source (bitwise the same update).
+    With `fused=True` or WMDP_FAST_FUSED_ADAMW=1, CUDA tensors take one Triton pass each
+    (`ops.published_adamw_step`), which rounds where PyTorch's CUDA kernels round; off by
+    default until a GPU run has checked it is bitwise the eager step (tests/test_kernels_adamw.py)
+    and faster (benchmarks/bench_rmu.py)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        # CUDA tensors: one Triton pass per tensor (ops.published_adamw_step, the same
-        # roundings); WMDP_FAST_FUSED_ADAMW=0 keeps the eager sequence below
-        self.fused = os.environ.get("WMDP_FAST_FUSED_ADAMW", "1") != "0" if fused is None else fused
+        self.fused = os.environ.get("WMDP_FAST_FUSED_ADAMW", "0") == "1" if fused is None else fused
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -252,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused-layers",
         dest="fused_layers",
         choices=("auto", "on", "off"),
-        default="auto",
+        default="off",
         help="run the replayed layers' RMSNorms and SwiGLU MLPs (Llama/Mistral/Qwen2 style) "
         "with wmdp_fast's fused Triton kernels: the same roundings to the model dtype, fewer "
-        "memory passes (auto: on CUDA; off: transformers' eager modules)",
+        "memory passes (auto: on CUDA; default off: not yet measured on a GPU)",
     )
     add.add_argument(
         "--dtype",

@@ -185,3 +185,36 @@ def test_cuda_pinned_disk_cache_hit_trains_the_same(tmp_path, tiny):
     assert not a.report["cache"]["hit"] and b.report["cache"]["hit"]
     for name, t in a.params.items():
         assert torch.equal(b.params[name], t), name
+
+
+def test_cuda_opt_in_fused_paths_train_like_eager(tmp_path, tiny, monkeypatch):
+    """The two opt-in fused paths in a real run (WMDP_FAST_FUSED_ADAMW=1, --fused-layers on),
+    bf16 on CUDA, against the same run without them: the fused AdamW step is meant to be
+    bitwise; the fused layers round like eager but may contract multiply-adds, so the trained
+    tensors and loss curves are compared at bf16 accuracy, and the modules must be patched."""
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=4, device="cuda", dtype="bfloat16")
+    eager = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "1")
+    fused = run_rmu(
+        tiny_cfg(tmp_path / "b", model_dir, corpus, fused_layers="on", **kw), progress=False
+    )
+    assert len(fused.report["fused_layers"]) == 6  # 2 layers x (2 norms + MLP)
+    a = torch.tensor([r["loss"] for r in fused.report["losses"]])
+    b = torch.tensor([r["loss"] for r in eager.report["losses"]])
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=0)
+    for name, t in eager.params.items():
+        torch.testing.assert_close(fused.params[name].float(), t.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_cuda_fused_adamw_alone_is_bitwise_the_eager_run(tmp_path, tiny, monkeypatch):
+    """WMDP_FAST_FUSED_ADAMW=1 alone changes nothing but the optimizer's kernels: the run must
+    train bitwise the same tensors (if not, see CONTRACT_DEFAULT in kernels/adamw.py)."""
+    model_dir, corpus = tiny
+    kw = dict(max_num_batches=4, device="cuda", dtype="bfloat16")
+    eager = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "1")
+    fused = run_rmu(tiny_cfg(tmp_path / "b", model_dir, corpus, **kw), progress=False)
+    for name, t in eager.params.items():
+        assert torch.equal(fused.params[name], t), name
+    assert fused.report["losses"] == eager.report["losses"]

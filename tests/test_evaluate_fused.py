@@ -43,6 +43,7 @@ def test_fused_layers_score_like_eager_and_are_restored(tok, monkeypatch):
     # 2 layers x (2 norms + MLP) + the final norm
     assert len(seen) == 7 and "model.norm" in seen
     assert fused_modules(model) == []  # restored after the call
+    assert fused["fused_layers"] is True and "fused_layers" not in eager
     for a, b in zip(fused["samples"], eager["samples"]):
         assert a["pred"] == b["pred"]
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-5, abs=1e-5)

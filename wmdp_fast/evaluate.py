@@ -537,6 +537,8 @@ def evaluate(
         "max_length": L,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if fused_layers:  # not lm-eval's modules: say so in the result
+        out["fused_layers"] = True
     if log_samples:
         out["samples"] = samples
     return out

@@ -453,6 +453,16 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def _layer_and_embed_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes of one decoder layer and of the input embeddings in `dtype` (works on a meta
+    skeleton: from the shapes alone)."""
+    from wmdp_fast.models import get_decoder_layers
+
+    esize = torch.tensor([], dtype=dtype).element_size()
+    layer_b = sum(p.numel() for p in get_decoder_layers(model)[0].parameters()) * esize
+    return layer_b, model.model.embed_tokens.weight.numel() * esize
+
+
 def estimate_gpu_memory(
     model,
     cfg: RMUConfig,
@@ -478,8 +488,7 @@ def estimate_gpu_memory(
     bs = cfg.batch_size if batch_size is None else batch_size
     layers = get_decoder_layers(model)
     esize = torch.tensor([], dtype=dtype).element_size()
-    layer_b = sum(p.numel() for p in layers[0].parameters()) * esize
-    embed_b = model.model.embed_tokens.weight.numel() * esize
+    layer_b, embed_b = _layer_and_embed_bytes(model, dtype)
     if off:
         prefix_b = layer_b
     elif q4:
@@ -1098,10 +1107,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         if storage.type == "cpu":
             avail = host_available_bytes()
             # besides it in CPU memory: the cache, the loaded layers (embeddings + layer_id + 1)
-            layer_b = sum(p.numel() for p in get_decoder_layers(skeleton)[0].parameters()) * tsize
-            model_b = (
-                cfg.layer_id + 1
-            ) * layer_b + skeleton.model.embed_tokens.weight.numel() * tsize
+            layer_b, embed_b = _layer_and_embed_bytes(skeleton, dtype)
+            model_b = (cfg.layer_id + 1) * layer_b + embed_b
             if avail is not None and split_bytes > (avail - cache_bytes - model_b) // 2:
                 split_reason = (
                     f"it needs {split_bytes / 2**30:.1f} GiB of CPU memory and "

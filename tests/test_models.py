@@ -435,3 +435,31 @@ def test_a_header_that_is_not_an_object_is_a_model_error(tmp_path):
     f.write_bytes(struct.pack("<Q", 2) + b"[]")
     with pytest.raises(ModelError, match="not a JSON object"):
         _read_safetensors_header(f)
+
+
+def test_untouched_shard_is_copied_where_it_cannot_be_hard_linked(tmp_path, monkeypatch):
+    """Hard links fail across file systems (a hub cache on another mount): the untouched shard
+    is then copied, same bytes and mode."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"x.a": torch.randn(3, 4)}, str(src / "model-00001-of-00002.safetensors"))
+    save_file({"y.b": torch.randn(5)}, str(src / "model-00002-of-00002.safetensors"))
+    wmap = {"x.a": "model-00001-of-00002.safetensors", "y.b": "model-00002-of-00002.safetensors"}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    os.chmod(src / "model-00002-of-00002.safetensors", 0o640)
+
+    def no_link(*a, **kw):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "out"
+    save_updated_checkpoint(src, out, {"x.a": torch.zeros(3, 4)})
+    copied, orig = (
+        out / "model-00002-of-00002.safetensors",
+        src / "model-00002-of-00002.safetensors",
+    )
+    assert copied.read_bytes() == orig.read_bytes()
+    assert copied.stat().st_ino != orig.stat().st_ino
+    assert copied.stat().st_mode & 0o777 == 0o640

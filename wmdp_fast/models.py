@@ -496,8 +496,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
     try:
         os.link(src.resolve(), dst)  # safetensors files are never modified in place
-    except OSError:
-        shutil.copy2(src, dst)
+    except OSError:  # e.g. another file system: the kernel copy the trained shards use
+        _copy_file(src, dst)
+        shutil.copystat(src, dst)
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:

@@ -3,8 +3,8 @@
 // Runs every thread of a row in turn, merges their Stats in the order of the kernel's
 // __shfl_down tree (and, for a block per row, the second tree over the warps), and compares the
 // log-sum-exp, the first argmax and the bad-row verdict with a float64 reference, over row
-// lengths around the vector, chunk and block sizes, every start misalignment, ties at chosen
-// distances, and rows holding NaN, +inf or -inf. What it cannot check is device-only: the
+// lengths around the vector, chunk and block sizes and the real vocabularies (32000 ... 151936),
+// every start misalignment, ties at chosen distances, and rows holding NaN, +inf or -inf. What it cannot check is device-only: the
 // ex2.approx / max.NaN instructions and the real shuffles (the gpu tests in
 // tests/test_ops_gather.py do).
 //
@@ -137,6 +137,29 @@ void suite(std::mt19937& rng) {
       for (int64_t i = 0; i < 3 * V / 4; ++i) masked[i] = -inf;
       check<T, U, G>(masked, mis, "first 3/4 -inf");
       check<T, U, G>(with(masked, {{V - 1, nan}}), mis, "first 3/4 -inf, NaN last");
+    }
+  }
+  // the real vocabularies (Llama/Mistral 32000, an odd 32001, GPT-2 50257, Qwen 151936): their
+  // tails and partial chunks at every misalignment, fewer cases (a row is up to 20x longer)
+  for (int64_t V : {32000, 32001, 50257, 151936}) {
+    std::uniform_int_distribution<int64_t> pos(0, V - 1);
+    for (int mis = 0; mis < NV; ++mis) {
+      std::vector<float> x(V);
+      for (auto& v : x) v = normal(rng);
+      check<T, U, G>(x, mis, "random, real V");
+      std::vector<float> y = x;
+      y[0] = y[V - 1] = 60.f;
+      check<T, U, G>(y, mis, "ties at both ends, real V");
+      y = x;
+      y[V - 1] = 60.f;
+      y[V - 1 - int64_t(G) * NV * U] = 60.f;
+      check<T, U, G>(y, mis, "tie a chunk before the last element, real V");
+      y = x;
+      y[V - 1] = nan;
+      check<T, U, G>(y, mis, "NaN last, real V");
+      y = x;
+      y[pos(rng)] = inf;
+      check<T, U, G>(y, mis, "+inf, real V");
     }
   }
 }

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -415,6 +416,111 @@ def test_cuda_bad_variant_raises_before_any_work(monkeypatch):
             torch.tensor([3, 4], device="cuda"),
             torch.arange(3, device="cuda"),
         )
+
+
+# (U, G) template arguments of row_stats_v2_kernel per variant; variant 1 is row_stats_kernel
+VARIANT_KERNELS = {1: "v1", 2: (4, 256), 3: (4, 32), 4: (8, 256)}
+
+
+def _row_stats_kernels(names) -> set:
+    """Which row_stats kernels ran, from profiler kernel names, demangled or not: "v1" for
+    row_stats_kernel, (U, G) for row_stats_v2_kernel<T, U, G>."""
+    found = set()
+    for name in names:
+        m = re.search(r"row_stats_v2_kernel<[^<>]*?,\s*(\d+),\s*(\d+)\s*>", name) or re.search(
+            r"row_stats_v2_kernelI\w*?Li(\d+)ELi(\d+)E", name
+        )
+        if m:
+            found.add((int(m.group(1)), int(m.group(2))))
+        elif re.search(r"row_stats_kernel[<I]", name):
+            found.add("v1")
+    return found
+
+
+def test_row_stats_kernel_names_are_parsed():
+    """The names nvcc 13 gives the kernels (demangled as the profiler shows them, and mangled)."""
+    ns = "void (anonymous namespace)::"
+    assert _row_stats_kernels(
+        [
+            ns + "row_stats_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long, long, ...)",
+            ns + "row_stats_v2_kernel<float, 4, 32>(float const*, long, long, long, ...)",
+            ns + "row_stats_v2_kernel<__half, 8, 256>(__half const*, long, long, long, ...)",
+            ns + "mark_kernel(long const*, long, unsigned char*, int*)",
+            ns + "finish_kernel<float>(float const*, long, ...)",
+        ]
+    ) == {"v1", (4, 32), (8, 256)}
+    mangled = "_ZN56_GLOBAL__N__b3bb5fbd_23_gather_logprobs_cuda_cu_25560cc6"
+    assert _row_stats_kernels(
+        [
+            mangled + "19row_stats_v2_kernelI13__nv_bfloat16Li4ELi256EEEvPKT_lllPKhPfPlPiS9_",
+            mangled + "16row_stats_kernelIfEEvPKT_llPKhPfPlPiS8_",
+        ]
+    ) == {(4, 256), "v1"}
+
+
+@pytest.mark.gpu
+def test_cuda_runs_the_variant_it_is_asked_for(monkeypatch):
+    """Every variant gives the right numbers, so a variant switch that ran the wrong kernel
+    (env read once, a swapped case) would pass every other test and make the benchmark's
+    columns lie: the profiler names the row_stats kernel each setting really launched."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(20, 5000, device="cuda", dtype=torch.bfloat16)
+    args = (
+        logits,
+        torch.tensor([0, 19, 7], device="cuda"),
+        torch.tensor([1, 2, 3], device="cuda"),
+        torch.arange(4, device="cuda"),
+    )
+    for v, expect in VARIANT_KERNELS.items():
+        monkeypatch.setenv(VARIANT_ENV, str(v))
+        ops.gather_logprobs(*args)  # warm-up outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ops.gather_logprobs(*args)
+            torch.cuda.synchronize()
+        names = [
+            e.name for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA
+        ]
+        if not names:
+            pytest.skip("torch.profiler recorded no CUDA kernels here (CUPTI unavailable?)")
+        assert _row_stats_kernels(names) == {expect}, (v, names)
+
+
+@pytest.mark.gpu
+def test_cuda_row_offsets_past_2_31_elements(monkeypatch):
+    """The eval's real size, 16,384 rows of a 151,936 vocabulary, as a [:, 1:] slice of
+    [R, V + 1] (odd row stride: every row misaligned differently, a storage offset): rows from
+    14,134 on start past 2^31 elements (and 4 GiB), so an int32 row * stride anywhere in the
+    mark / row_stats / finish kernels reads the wrong row. bf16, the eval's dtype; only the
+    scored rows are filled (5 GB, freed at the end)."""
+    R, V, dtype = 16384, 151936, torch.bfloat16
+    rows = [0, 1, 14133, 14134, 14135, 16382, 16383]
+    full = torch.empty(R, V + 1, dtype=dtype, device="cuda")
+    try:
+        x = full[:, 1:]
+        assert x.stride(0) * rows[3] > 2**31
+        g = torch.Generator(device="cuda").manual_seed(7)
+        vals = torch.randn(len(rows), V, generator=g, device="cuda") * 4
+        vals[-1, 100] = vals[-1, 150000] = 40.0  # a tie far apart: the first index wins
+        x[rows] = vals.to(dtype)
+        row_index = torch.tensor(rows, device="cuda").repeat_interleave(2)
+        target = torch.randint(0, V, (2 * len(rows),), generator=g, device="cuda")
+        target[-2:] = torch.tensor([100, 150000], device="cuda")
+        offsets = torch.arange(2 * len(rows) + 1, device="cuda")
+        sub = x[rows].cpu()  # the scored rows, renumbered 0..6 for the float64 truth
+        local = torch.arange(len(rows)).repeat_interleave(2)
+        tl, tg = _truth(sub, local, target.cpu(), offsets.cpu())
+        assert tg[-2:].tolist() == [True, False]
+        for v in CUDA_VARIANTS:
+            monkeypatch.setenv(VARIANT_ENV, str(v))
+            ll, gr = ops.gather_logprobs(x, row_index, target, offsets)
+            torch.testing.assert_close(ll.cpu().double(), tl, atol=2e-5, rtol=1e-6, msg=f"v{v}")
+            assert torch.equal(gr.cpu(), tg), v
+    finally:
+        del full
+        torch.cuda.empty_cache()  # other xdist workers share the card
 
 
 def _cuda_include_dir() -> str | None:

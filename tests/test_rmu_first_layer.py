@@ -287,3 +287,32 @@ def test_preflight_names_first_layer_cache_off():
             model, rcfg, 5, bf16, 512, cache_b + split_b, True, (with_split + without) // 2,
             split_width=14336, split_bytes=split_b,
         )  # fmt: skip
+
+
+def test_gpu_oom_in_the_targets_pass_is_not_blamed_on_cpu_memory(
+    tmp_path, mistral, corpus, monkeypatch
+):
+    """A CUDA out-of-memory error in the targets pass (torch.cuda.OutOfMemoryError, a
+    RuntimeError saying "CUDA out of memory") while the cache lives in (pinned) CPU memory is
+    the GPU's: it must get run_rmu's GPU message, not "out of pinned CPU memory ... try
+    --first-layer-cache off" (a pinned-memory failure is torch.AcceleratorError "CUDA error:
+    out of memory" instead, and keeps that message)."""
+    from wmdp_fast.errors import ResourceError
+
+    def gpu_oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rmu_mod, "prepare_replay", gpu_oom)
+    cfg = tiny_cfg(tmp_path / "a", mistral, corpus, max_num_batches=2, cache_device="cpu")
+    with pytest.raises(ResourceError) as info:
+        run_rmu(cfg, progress=False)
+    msg = str(info.value)
+    assert "GPU ran out of memory" in msg and "CPU memory" not in msg, msg
+
+    def host_oom(*a, **kw):
+        raise RuntimeError("CUDA error: out of memory")  # what a failed cudaHostAlloc raises
+
+    monkeypatch.setattr(rmu_mod, "prepare_replay", host_oom)
+    cfg = tiny_cfg(tmp_path / "b", mistral, corpus, max_num_batches=2, cache_device="cpu")
+    with pytest.raises(ResourceError, match="--first-layer-cache off"):
+        run_rmu(cfg, progress=False)

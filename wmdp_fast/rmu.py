@@ -1284,6 +1284,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     except RuntimeError as exc:
         if "out of memory" not in str(exc) and "alloc" not in str(exc).lower():
             raise
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and storage.type != "cuda":
+            raise  # the GPU's, not the CPU-side cache's: run_rmu's GPU message
         where = "pinned CPU" if pin else storage.type
         fix = (
             "--first-layer-cache off"

@@ -173,6 +173,30 @@ def test_oom_backoff_and_resource_error(tok, monkeypatch):
         ev.evaluate(model, tok, [task], progress=False)
 
 
+def test_auto_batch_tokens_on_cuda(monkeypatch):
+    """The CUDA budget (from torch.cuda.mem_get_info, faked here): Zephyr-7B's formula and cap,
+    and a config with per-layer MLP widths (Gemma 3n: `intermediate_size` is a list), which
+    raised TypeError on CUDA only (the CPU returns before reading the config)."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3nTextConfig, MistralConfig
+
+    free = {"bytes": 60 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    cuda = torch.device("cuda", 0)
+    zephyr = SimpleNamespace(
+        config=MistralConfig(hidden_size=4096, intermediate_size=14336), dtype=torch.bfloat16
+    )
+    assert ev.auto_batch_tokens(zephyr, cuda) == ev.MAX_AUTO_BATCH_TOKENS
+    free["bytes"] = 2 * 2**30
+    per_token = 2 * (8 * 4096 + 4 * 14336)
+    assert ev.auto_batch_tokens(zephyr, cuda) == int(0.35 * 2 * 2**30 / per_token)
+    g3n = Gemma3nTextConfig(hidden_size=4096, intermediate_size=[8192, 14336], num_hidden_layers=2)
+    assert isinstance(g3n.intermediate_size, list)
+    got = ev.auto_batch_tokens(SimpleNamespace(config=g3n, dtype=torch.bfloat16), cuda)
+    assert got == ev.auto_batch_tokens(zephyr, cuda)  # sized by its widest layer
+
+
 def test_metrics_match_lm_eval_formulas():
     xs = [1.0, 0.0, 0.0, 1.0, 1.0]
     mu = 0.6

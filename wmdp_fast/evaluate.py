@@ -205,7 +205,10 @@ def auto_batch_tokens(model, device: torch.device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     cfg = getattr(model.config, "text_config", None) or model.config
     hidden = int(getattr(cfg, "hidden_size", 4096))
-    inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
+    inter = getattr(cfg, "intermediate_size", None)
+    if isinstance(inter, (list, tuple)):  # per-layer widths (Gemma 3n): the widest layer
+        inter = max(inter, default=None)
+    inter = int(inter or 4 * hidden)
     # activations alive at once in one no-grad layer (bf16/fp16; fp32 doubles it), generous
     elt = 4 if model.dtype == torch.float32 else 2
     per_token = elt * (8 * hidden + 4 * inter)

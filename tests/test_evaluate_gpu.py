@@ -103,3 +103,53 @@ def test_cuda_nan_logits_are_a_model_error_naming_the_docs(tmp_path, monkeypatch
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(ModelError, match=r"^task t, doc_id \d+: .*NaN or inf logits"):
         evaluate(model, tok, [task], progress=False)
+
+
+def test_cuda_fused_layers_run_the_kernels_and_score_like_eager(tmp_path, monkeypatch):
+    """evaluate(fused_layers=True) on CUDA in bf16, as bench_eval's A/B runs it: the compiled
+    Triton RMSNorm/SwiGLU kernels run inside the engine (inference mode, padded token-budget
+    batches, the split-path check), the predictions and log-likelihoods stay as close to the
+    eager bf16 run as that run is to float32, and the model is unpatched afterwards."""
+    from wmdp_fast import kernels, ops
+    from wmdp_fast.fused_layers import fused_modules
+    from wmdp_fast.models import load_model, load_tokenizer
+
+    assert ops.backend_of("rms_norm", "cuda") == "triton"
+    path = _model_with_tokenizer(tmp_path / "m")
+    tok = load_tokenizer(str(path))
+    task = MCQTask("t", "biology", "synthetic", _docs())
+    model = load_model(str(path), "bf16", "cuda", progress=False)
+    eager = evaluate(model, tok, [task], log_samples=True, progress=False)
+    f32 = evaluate(
+        load_model(str(path), "float32", "cuda", progress=False),
+        tok,
+        [task],
+        log_samples=True,
+        progress=False,
+    )
+    calls = {"rms_norm": 0, "swiglu": 0}
+    for module, fn in (("rmsnorm", "rms_norm"), ("swiglu", "swiglu")):
+        real = getattr(kernels.load(module), fn)
+
+        def spy(*args, _real=real, _fn=fn):
+            assert args[0].is_cuda and args[0].dtype == torch.bfloat16
+            calls[_fn] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(kernels.load(module), fn, spy)
+    fused = evaluate(model, tok, [task], log_samples=True, progress=False, fused_layers=True)
+    assert calls["rms_norm"] > 0 and calls["swiglu"] > 0
+    assert fused["fused_layers"] is True and fused_modules(model) == []
+
+    def max_diff(a, b):
+        return max(
+            abs(x - y)
+            for s, t in zip(a["samples"], b["samples"])
+            for x, y in zip(s["loglikelihoods"], t["loglikelihoods"])
+        )
+
+    print(f"fused vs eager bf16: {max_diff(fused, eager):.4f}; eager bf16 vs float32: "
+          f"{max_diff(eager, f32):.4f}")  # fmt: skip
+    assert max_diff(fused, eager) <= max(max_diff(eager, f32), 1e-3)
+    same = sum(a["pred"] == b["pred"] for a, b in zip(fused["samples"], eager["samples"]))
+    assert same >= len(task.docs) - 2

@@ -59,7 +59,8 @@ class Eager:
         self.params = [p.clone().requires_grad_(True) for p in params]
         for p, g in zip(self.params, grads):
             p.grad = g
-        self.opt = PublishedAdamW(self.params, lr=LR)
+        # eager whatever WMDP_FAST_FUSED_ADAMW says (=1 would make this row the fused step)
+        self.opt = PublishedAdamW(self.params, lr=LR, fused=False)
 
     def step(self):
         self.opt.step()

@@ -123,7 +123,10 @@ def sync(device: str):
 
 def load_bench_tokenizer(path: str | None):
     """The Mistral/Zephyr tokenizer: --tokenizer DIR, else $WMDP_FAST_TOKENIZER_DIR, else built
-    from mistral_common, else the saved copy in .gpu/tok (GPU boxes lack mistral_common)."""
+    from mistral_common, else the saved copy ($WMDP_FAST_MISTRAL_TOKENIZER's folder or .gpu/tok;
+    GPU boxes lack mistral_common) read from its tokenizer.json: rebuilding it from
+    tokenizer.model needs sentencepiece and protobuf, and without them transformers falls back
+    to a tiktoken parser that fails with a ValueError."""
     import os
 
     from transformers import AutoTokenizer
@@ -132,18 +135,22 @@ def load_bench_tokenizer(path: str | None):
     if path:
         return AutoTokenizer.from_pretrained(path)
     try:
-        from wmdp_fast.testing import save_mistral_tokenizer
-
-        return save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
+        import mistral_common  # noqa: F401
     except ImportError:
-        saved = Path(__file__).resolve().parent.parent / ".gpu" / "tok"
-        if (saved / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(saved))
+        env = os.environ.get("WMDP_FAST_MISTRAL_TOKENIZER")
+        saved = [Path(env) if Path(env).is_dir() else Path(env).parent] if env else []
+        saved.append(Path(__file__).resolve().parent.parent / ".gpu" / "tok")
+        for d in saved:
+            if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(str(d))
         raise SystemExit(
             "no tokenizer: install mistral_common, or save one where this machine can read it "
             '(python -c "from wmdp_fast.testing import save_mistral_tokenizer as s; '
             "s('.gpu/tok')\") and pass --tokenizer .gpu/tok"
         ) from None
+    from wmdp_fast.testing import save_mistral_tokenizer
+
+    return save_mistral_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
 
 
 def run_lm_eval(model, tok, task, device: str, batch_size: int):

@@ -12,7 +12,9 @@ script's load-two-copies + loop + save_pretrained.
 The published loop here gets pre-tokenized batches (its per-step tokenization is not timed,
 which favours it). Random weights, random-token batches without padding (B x T tokens each).
 With --arch zephyr-7b the model is built directly on the GPU in bf16 (no disk); the engine then
-keeps only the embeddings and layers 0..layer_id, as `run_rmu` does.
+keeps only the embeddings and layers 0..layer_id, and on CUDA, as `run_rmu` does, holds the
+embeddings and layers 0..first-1 on the GPU for the capture only. Each row prints as soon as it
+is measured; a failing A/B row prints an ERROR row and the table goes on.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import copy
 import dataclasses
 import gc
 import json
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -136,7 +141,8 @@ def published_loop(model, cfg, enc, f_names, r_names, cvs, device, steps):
         for i, p in enumerate(model.model.layers[lid].parameters())
         if i in cfg.param_ids
     ]
-    opt = PublishedAdamW(params, lr=cfg.lr)  # the published transformers.AdamW, as the engine
+    # the published transformers.AdamW (eager, whatever WMDP_FAST_FUSED_ADAMW says)
+    opt = PublishedAdamW(params, lr=cfg.lr, fused=False)
 
     def fwd(m, inputs, no_grad):
         cache = []
@@ -168,6 +174,10 @@ def published_loop(model, cfg, enc, f_names, r_names, cvs, device, steps):
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     del frozen, opt
+    # every parameter of layers 0..layer_id and the embeddings got a .grad (the published model
+    # requires grad everywhere) that no optimizer frees: ~3.7 GB on Zephyr-7B, which would
+    # otherwise sit in every engine row's peak memory
+    model.zero_grad(set_to_none=True)
     return times, losses
 
 
@@ -202,16 +212,28 @@ def engine_loop(
 
         for i in range(first):
             quantize_linear_layers_(model.model.layers[i], quant, torch.bfloat16)
-            model.model.layers[i].to(device)
+    for i in range(first):
+        model.model.layers[i].to(device)
+    model.model.embed_tokens.to(device)
     stored = capture_layer_inputs(model, tok, entries, first, device, storage, progress=False)
+    if device.type == "cuda":
+        # as run_rmu: the prefix never runs again, its GPU memory is freed before training
+        # (bitsandbytes layers do not move back: dropped, the model is not reused after)
+        model.model.embed_tokens.to("cpu")
+        for i in range(first):
+            if quant:
+                model.model.layers[i] = torch.nn.Identity()
+            else:
+                model.model.layers[i].to("cpu")
+        torch.cuda.empty_cache()
     from wmdp_fast.cache import ActivationCache
 
     cache = ActivationCache(stored, list(range(steps)), list(range(steps, 2 * steps)), "bench")
     layers = list(model.model.layers[first : cfg.layer_id + 1])
     times, losses = [], []
     try:
-        if fused_layers:
-            fuse_decoder_layers(layers)
+        if fused_layers and not fuse_decoder_layers(layers):
+            raise RuntimeError("--fused-layers: no RMSNorm or SwiGLU MLP recognised")
         pin = storage.type == "cpu" and device.type == "cuda"
         targets, parts, reason = prepare_replay(
             layers, cache, range(steps, 2 * steps), device, cvs[0].dtype, storage, pin, split=split
@@ -246,21 +268,40 @@ def summarize(times, warmup):
     )
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def end_to_end(arch, cfg, args, device, dtype):
-    """run_rmu from a checkpoint on disk vs the published script's load x2 + loop + save."""
+    """run_rmu from a checkpoint on disk vs the published script's load x2 + loop + save. The
+    ~35 GB written under --workdir (the checkpoint, two run_rmu outputs, the published save)
+    are removed afterwards, also when the run fails or is stopped by SIGTERM (`timeout`):
+    a rerun on the same machine would otherwise find the disk full."""
+    root = Path(tempfile.mkdtemp(prefix="bench_rmu_", dir=args.workdir))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _end_to_end(root, arch, cfg, args, device, dtype)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _end_to_end(root: Path, arch, cfg, args, device, dtype):
+    from bench_eval import load_bench_tokenizer
     from transformers import AutoModelForCausalLM
 
     from wmdp_fast.rmu import run_rmu
-    from wmdp_fast.testing import save_mistral_tokenizer
 
-    root = Path(tempfile.mkdtemp(prefix="bench_rmu_", dir=args.workdir))
     ckpt = root / "model"
     model = build_model(arch, device, dtype)
     # sharded like HuggingFaceH4/zephyr-7b-beta on the hub (8 files of ~1.9 GB), not in
     # transformers 5's default single 50GB-limit shard: run_rmu rewrites only the shards holding
     # trained tensors (copied, then those bytes patched), so the layout is part of its timing
     model.save_pretrained(str(ckpt), max_shard_size="2GB")
-    tok = save_mistral_tokenizer(ckpt)
+    # the GPU image has no mistral_common (and maybe no sentencepiece): bench_eval's loader
+    # reads the saved tokenizer.json there
+    tok = load_bench_tokenizer(None)
+    tok.save_pretrained(str(ckpt))
     del model
     gc.collect()
     if device.type == "cuda":
@@ -329,6 +370,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-4bit", action="store_true", help="skip the --load-in-4bit measurement")
     p.add_argument(
+        "--no-ab",
+        action="store_true",
+        help="skip the A/B rows (cache off, fused paths): e.g. with --end-to-end, where "
+        "bench-rmu has measured them",
+    )
+    p.add_argument(
         "--end-to-end",
         action="store_true",
         help="also time run_rmu from disk (writes the model to --workdir)",
@@ -393,40 +440,60 @@ def main(argv=None):
             for n, p in model.named_parameters():
                 if n in orig:
                     p.copy_(orig[n])
+        model.zero_grad(set_to_none=True)  # the last step's gradients: not the next row's
 
-    # A/B rows against the defaults (the headline row, run last): the layer-first cache off
-    # (= the spec's plain replay), and the two opt-in fused paths, alone and together
-    variants = [("engine, --first-layer-cache off (plain replay)", dict(split=False))]
-    if cuda:
-        variants += [
-            ("engine + fused AdamW (WMDP_FAST_FUSED_ADAMW=1)", dict(fused_adamw=True)),
-            ("engine + --fused-layers on", dict(fused_layers=True)),
-            ("engine + both fused", dict(fused_adamw=True, fused_layers=True)),
-        ]
-    ab_rows = []
-    for label, kw in variants:
-        peak_reset(device)
-        t, losses, _ = engine_loop(
-            model, cfg, enc, f_names, r_names, cvs, device, args.steps, storage, **kw
-        )
-        ab_rows.append((label, summarize(t, args.warmup), peak(device), losses))
-        restore()
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"  # noqa: E731
+    pm, pq1, pq4 = summarize(pub_times, args.warmup)
+    # rows are printed as they are measured: a failing row or the step's time limit keeps them
+    print("| path | median s/step | q20 | q80 | peak GPU memory |")
+    print("|---|---|---|---|---|")
+    print(f"| published loop | {pm:.4f} | {pq1:.4f} | {pq4:.4f} | {gib(pub_peak)} |")
+    # the defaults (the headline) first, then A/B rows against them: the layer-first cache off
+    # (= the spec's plain replay), and the two opt-in fused paths, alone and together (never
+    # run on a GPU before: a failure prints an ERROR row and the table goes on)
     peak_reset(device)
     eng_times, eng_losses, prep_s = engine_loop(
         model, cfg, enc, f_names, r_names, cvs, device, args.steps, storage
     )
     eng_peak = peak(device)
-
-    pm, pq1, pq4 = summarize(pub_times, args.warmup)
+    restore()
     em, eq1, eq4 = summarize(eng_times, args.warmup)
-    rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(pub_losses, eng_losses))
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"  # noqa: E731
-    print("| path | median s/step | q20 | q80 | peak GPU memory |")
-    print("|---|---|---|---|---|")
-    print(f"| published loop | {pm:.4f} | {pq1:.4f} | {pq4:.4f} | {gib(pub_peak)} |")
     print(f"| wmdp_fast engine | {em:.4f} | {eq1:.4f} | {eq4:.4f} | {gib(eng_peak)} |")
-    for label, (m, q1, q4), pk, _ in ab_rows:
+    variants = [("engine, --first-layer-cache off (plain replay)", dict(split=False))]
+    if args.no_ab:
+        variants = []
+    elif cuda:
+        variants += [
+            ("engine + fused AdamW (WMDP_FAST_FUSED_ADAMW=1)", dict(fused_adamw=True)),
+            ("engine + --fused-layers on", dict(fused_layers=True)),
+            ("engine + both fused", dict(fused_adamw=True, fused_layers=True)),
+        ]
+    if cuda and not args.no_4bit:
+        # the same engine with the frozen prefix in NF4 (bf16 prefix layers freed first); last:
+        # it replaces the prefix layers
+        variants.append(("engine, --load-in-4bit prefix", dict(quant="4bit")))
+    ab_rows = []
+    for label, kw in variants:
+        if kw.get("quant"):
+            for i in range(min(cfg.layer_ids)):
+                model.model.layers[i].to("cpu")
+        peak_reset(device)
+        try:
+            t, losses, _ = engine_loop(
+                model, cfg, enc, f_names, r_names, cvs, device, args.steps, storage, **kw
+            )
+        except Exception as exc:  # noqa: BLE001 - one failing row must not end the table
+            traceback.print_exc()
+            msg = " ".join(str(exc).split())[:160]
+            print(f"| {label} | ERROR {type(exc).__name__}: {msg} | | | |")
+            continue
+        finally:
+            restore()
+        ab_rows.append((label, summarize(t, args.warmup), peak(device), losses))
+        (m, q1, q4), pk = ab_rows[-1][1], ab_rows[-1][2]
         print(f"| {label} | {m:.4f} | {q1:.4f} | {q4:.4f} | {gib(pk)} |")
+
+    rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(pub_losses, eng_losses))
     print(
         f"speedup per step: {pm / em:.1f}x  (engine cache+targets: {prep_s:.2f} s for "
         f"{args.steps} steps)"
@@ -453,24 +520,13 @@ def main(argv=None):
         "speedup": pm / em,
         "published_peak_bytes": pub_peak,
         "engine_peak_bytes": eng_peak,
+        "ab_peak_bytes": {label: pk for label, _, pk, _ in ab_rows},
         "engine_prep_s": prep_s,
         "loss_max_rel_diff": rel,
     }
-
-    if cuda and not args.no_4bit:
-        # the same engine with the frozen prefix in NF4 (bf16 prefix layers freed first)
-        restore()
-        for i in range(min(cfg.layer_ids)):
-            model.model.layers[i].to("cpu")
-        peak_reset(device)
-        cfg4 = copy.deepcopy(cfg)
-        q_times, _, q_prep = engine_loop(
-            model, cfg4, enc, f_names, r_names, cvs, device, args.steps, storage, quant="4bit"
-        )
-        q_peak = peak(device)
-        qm, _, _ = summarize(q_times, args.warmup)
-        print(f"| engine, --load-in-4bit prefix | {qm:.4f} | | | {gib(q_peak)} |")
-        result.update({"engine_4bit_s_per_step": qm, "engine_4bit_peak_bytes": q_peak})
+    for label, (m, _, _), pk, _ in ab_rows:
+        if "4bit" in label:
+            result.update({"engine_4bit_s_per_step": m, "engine_4bit_peak_bytes": pk})
 
     if args.end_to_end:
         del model

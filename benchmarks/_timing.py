@@ -11,7 +11,7 @@ import torch
 
 
 def bench_cpu(fn, reps: int) -> tuple[float, float, float]:
-    """(median, p10, p80) wall time of fn in ms, after one warm-up call."""
+    """(median, p20, p80) wall time of fn in ms, after one warm-up call."""
     fn()
     times = []
     for _ in range(reps):
@@ -47,7 +47,7 @@ def bench_cuda_graph(fn, grad_to_none) -> float | None:
 
 
 def time_fn(fn, device, reps: int, grad_to_none) -> tuple[float, float, float, float | None]:
-    """(median, p20, p80, GPU-only or None) in ms (p10 instead of p20 on the CPU)."""
+    """(median, p20, p80, GPU-only or None) in ms."""
     if device.type == "cuda":
         return (*bench_cuda(fn, grad_to_none), bench_cuda_graph(fn, grad_to_none))
     return (*bench_cpu(fn, reps), None)

@@ -3,9 +3,7 @@
 # network: packages its image lacks (lm-eval and what it imports, datasets, bitsandbytes),
 # unpacked for Python 3.12 into .gpu/site (~14 MB: bitsandbytes keeps only its CUDA 13.0 and CPU
 # libraries, lm-eval only its wmdp and mmlu task folders), and the Mistral tokenizer in .gpu/tok
-# (the image has no mistral_common). pytest-xdist lets gpu_check.sh run the gpu tests in 4
-# workers, which compile the Triton kernels in parallel on a bare machine. Run here, from the
-# repository root, then carry ".gpu".
+# (the image has no mistral_common). Run here, from the repository root, then carry ".gpu".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu/whl .gpu/site
@@ -17,7 +15,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "${plat[@]}" -d .gpu/whl lm-eval==0.4.13 datasets==5.2.0 dill==0.4.1 evaluate==0.4.6 \
   multiprocess==0.70.19 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
   pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 more_itertools==11.2.1 \
-  bitsandbytes==0.50.2 pytest-xdist==3.8.0 execnet==2.1.2
+  bitsandbytes==0.50.2
 (cd .gpu/whl && python3 -m pip wheel -q --no-deps sqlitedict==2.1.0 word2number==1.1)
 for w in .gpu/whl/*.whl; do unzip -q -o "$w" -d .gpu/site; done
 rm -rf .gpu/whl

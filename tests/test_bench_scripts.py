@@ -167,3 +167,29 @@ def test_published_loop_optimizer_is_eager_whatever_the_environment(monkeypatch)
     cfg, dev, model, cvs, enc, f_names, r_names = _small_rmu()
     bench_rmu.published_loop(model, cfg, enc, f_names, r_names, cvs, dev, 1)
     assert [o.fused for o in made] == [False]
+
+
+def test_eval_fused_ab_failure_keeps_the_main_comparison(monkeypatch, capsys, tmp_path):
+    """bench_eval printed its whole report at the very end, after the fused-layers A/B: a
+    failure there (its kernels had never run inside the engine on a GPU) or the step's time
+    limit lost the eager and lm-eval numbers too. The main report now comes first and a failing
+    A/B becomes one error row."""
+    import wmdp_fast.evaluate as ev
+
+    real = ev.evaluate
+
+    def evaluate(*a, fused_layers=False, **kw):
+        if fused_layers:
+            raise RuntimeError("triton compile failed (emulated)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    out_json = tmp_path / "r.json"
+    rc = bench_eval.main(["--n", "6", "--skip-lm-eval", "--fused-ab", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.index("wmdp_fast_s:") < out.index("fused_layers_error: RuntimeError: triton")
+    import json
+
+    saved = json.loads(out_json.read_text())
+    assert saved["questions"] == 6 and saved["fused_layers_error"].startswith("RuntimeError")

@@ -9,6 +9,8 @@
 #   GPU_CHECK_ONLY=kernels bash benchmarks/gpu_check.sh   # build + tests + kernel benchmarks only
 #   GPU_CHECK_STEPS=bench-eval-nf4,bench-rmu-mse-cv bash benchmarks/gpu_check.sh  # only these
 #     (the extension is rebuilt only when no CUDA build is there; "build" in the list forces it)
+#   bash benchmarks/make_gpu_build.sh   # HERE, before the call: prebuilds the extension into
+#     .gpu/prebuilt, which this script then uses instead of building (GPU_CHECK_PREBUILT=0: build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -45,7 +47,26 @@ want() {  # GPU_CHECK_STEPS="a,b" runs only those steps (e.g. the rest of a cut-
   [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",$GPU_CHECK_STEPS," == *",$1,"* ]]
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if want build || ! python -c "import wmdp_fast._C as c; assert c.with_cuda()" 2>/dev/null; then
+cuda_ext_ok() { python -c "import torch, wmdp_fast._C as c; assert c.with_cuda()" 2>/dev/null; }  # _C needs torch's libraries loaded
+# A prebuilt extension (benchmarks/make_gpu_build.sh, carried in .gpu/prebuilt) saves the build
+# step when it was made from exactly these sources (setup.py, csrc/) and imports here with CUDA.
+# GPU_CHECK_PREBUILT=0, or "build" in GPU_CHECK_STEPS, builds anyway.
+PRE=$(ls .gpu/prebuilt/_C.cpython-312-*.so 2>/dev/null | head -1 || true)
+if [ -n "$PRE" ] && [ "${GPU_CHECK_PREBUILT:-1}" = 1 ] && [[ ",${GPU_CHECK_STEPS:-}," != *",build,"* ]]; then
+  if [ "$(cat .gpu/prebuilt/sources.sha256 2>/dev/null)" = "$(python benchmarks/ext_source_hash.py)" ]; then
+    cp "$PRE" wmdp_fast/
+    if cuda_ext_ok; then
+      echo "=== build: using the prebuilt extension ($(cat .gpu/prebuilt/built_for.txt 2>/dev/null))"
+      row=$(printf '| %-14s | %-4s | %4ss |' build "prebuilt" 0); SUMMARY+=("$row"); echo "$row" >> "$OUT/summary.md"
+    else
+      echo "=== build: the prebuilt extension does not import with CUDA here; building"
+      rm -f "wmdp_fast/$(basename "$PRE")"
+    fi
+  else
+    echo "=== build: the prebuilt extension is from other sources (benchmarks/make_gpu_build.sh); building"
+  fi
+fi
+if [[ ",${GPU_CHECK_STEPS:-}," == *",build,"* ]] || ! cuda_ext_ok; then
   step build 240 env WMDP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 python setup.py -q build_ext --inplace
 fi
 # an in-place build does not apply setup.py's package_dir mapping (kernels/ -> wmdp_fast.kernels)

@@ -53,7 +53,9 @@ def _pack_int8_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         x = tl.load(x_row + cols * x_sd, mask=cols < D, other=0.0).to(tl.float32)
         amax = _max_keep_nan(amax, tl.abs(x))
-    scale = tl.reduce(amax, 0, _max_keep_nan) / QMAX
+    # div_rn: Triton's `/` on float32 compiles to div.full.f32 (approximate, up to 2 ulp) on
+    # the GPU; the interpreter and the reference divide exactly
+    scale = tl.math.div_rn(tl.reduce(amax, 0, _max_keep_nan), QMAX)
     tl.store(s_ptr + row, scale)
     safe = tl.where(scale > 0, scale, 1.0)
     for start in range(0, D, BLOCK_D):

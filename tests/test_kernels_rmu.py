@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -451,13 +452,20 @@ def test_rmu_loss_partial_grad_and_no_grad(device):
 
 
 def test_pack_int8_kernel_bits_equal_reference(device):
+    """The kernel's bits are the reference's, and on a GPU also the CPU reference's: scale is
+    the exact quotient absmax / 127 on every device (on CUDA, Triton's `/` is div.full.f32 and
+    torch's `tensor / 127` multiplies by 1 / 127: each 1 ulp off for ~5% of rows; 4096 rows on
+    the GPU so that such a row is all but certain to be there)."""
     h = _rand(3, 11, 300, dtype=torch.bfloat16, device=device) * 7
     h[1, 4] = 0
     h[2, 3, 5] = -90.0
-    for x in (h, h.transpose(0, 1), h.float()[..., ::3]):
+    many = [_rand(64, 64, 96, seed=9, device=device) * 5] if device == "cuda" else []
+    for x in (h, h.transpose(0, 1), h.float()[..., ::3], *many):
         p = ops.pack_activations(x, "int8")
         q, s = reference.int8_quantize(x)
         assert torch.equal(p.data, q) and torch.equal(p.scale, s)
+        qc, sc = reference.int8_quantize(x.cpu())
+        assert torch.equal(p.scale.cpu(), sc) and torch.equal(p.data.cpu(), qc)
         assert p.dtype == x.dtype
         for dtype in (torch.float32, torch.bfloat16):
             got = ops.unpack_activations(p, dtype)
@@ -701,6 +709,28 @@ def test_fused_finish_ptx_for_sm90():
         K._rmu_mse_kernel, part, part, part, n, 0.5, *term, *flags, FUSED_FINISH=False, **opts
     ).asm["ptx"]
     assert "atom." not in plain and "ld.global.cg" not in plain
+
+
+def test_pack_kernel_divides_exactly_in_sm90_ptx():
+    """Compiled for an H100: the per-row scale absmax / 127 and x / scale are IEEE divisions
+    (div.rn.f32), as in the interpreter and the reference. Triton's `/` on float32 compiles to
+    div.full.f32 (approximate, up to 2 ulp), which gave ~5% of the rows a scale 1 ulp off the
+    reference's (and their q with it)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from wmdp_fast.kernels import compile_for, load
+
+    P = load("pack")
+    x = torch.empty(4, 96, 4096, dtype=torch.bfloat16)
+    q, s = torch.empty(4, 96, 4096, dtype=torch.int8), torch.empty(4, 96)
+    block, warps = P._settings(4096)
+    ptx = compile_for(
+        P._pack_int8_kernel, x, *x.stride(), q, s, 96, 4096, QMAX=reference.INT8_QMAX,
+        BLOCK_D=block, num_warps=warps,
+    ).asm["ptx"]  # fmt: skip
+    divs = re.findall(r"\bdiv\.[\w.]*f32", ptx)
+    per_thread = block // (32 * warps)  # x / scale, per element of the (runtime) column loop
+    assert divs.count("div.rn.f32") == 1 + per_thread, divs
+    assert set(divs) == {"div.rn.f32"} and "rcp.approx" not in ptx, set(divs)
 
 
 # --- GPU only ----------------------------------------------------------------------------------

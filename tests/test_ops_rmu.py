@@ -185,6 +185,37 @@ def test_pack_int8_error_bound_and_size():
     )
 
 
+class _CudaScalarDivision(torch.overrides.TorchFunctionMode):
+    """PyTorch's CUDA arithmetic for `tensor / number`, on the CPU: div_true_kernel_cuda
+    multiplies by the reciprocal rounded to float32 ("may lose one bit of precision compared
+    to computing the division"); the CPU divides exactly."""
+
+    DIV = (torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.DIV and not kwargs and len(args) == 2 and isinstance(args[1], (int, float)):
+            return args[0] * torch.tensor(1.0 / args[1], dtype=torch.float64).to(args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def test_int8_scale_is_the_exact_quotient_with_cuda_division():
+    """The reference's scale is absmax / 127 correctly rounded on every device. It divided by
+    the number 127, which CUDA computes as absmax * float32(1 / 127): 1 ulp off for ~5% of the
+    rows, so on a GPU the reference disagreed with the CPU reference and the int8 kernel."""
+    mags = torch.arange(0x3F80, 0x4400, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = torch.zeros(mags.numel(), 8)
+    x[:, 3] = -mags.float()  # one row per bf16 absmax in [1, 512)
+    x[:, 5] = mags.float() / 3
+    want = (x.abs().amax(-1).double() / reference.INT8_QMAX).float()
+    with _CudaScalarDivision():
+        emulated = x.abs().amax(-1) / reference.INT8_QMAX
+        q, scale = reference.int8_quantize(x)
+    assert not torch.equal(emulated, want)  # the emulation does what CUDA does
+    assert torch.equal(scale, want)
+    assert torch.equal(q, reference.int8_quantize(x)[0])
+
+
 def test_int8_target_loss_error_bound():
     """|L(int8 target) - L(exact)| <= scale * (2 sqrt(L/scale * E) + E), E = mean(e^2) <=
     mean over positions of (absmax / 254)^2 (Cauchy-Schwarz), documented in docs/fused_ops.md."""

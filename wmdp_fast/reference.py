@@ -121,7 +121,10 @@ def int8_quantize(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the position is all zeros). The Triton kernel computes exactly the same bits.
     """
     x = hidden.detach().float()
-    scale = x.abs().amax(dim=-1) / INT8_QMAX
+    amax = x.abs().amax(dim=-1)
+    # divided by a tensor, not the number: CUDA computes `tensor / number` as tensor * (1 / number)
+    # (PyTorch's div_true_kernel_cuda), which is 1 ulp off the exact quotient for ~5% of values
+    scale = amax / torch.full_like(amax, INT8_QMAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.floor(x / safe[..., None] + 0.5).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q.contiguous(), scale.contiguous()

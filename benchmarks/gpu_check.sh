@@ -14,6 +14,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
+# The device tool returns at most 8 files from $OUT (16 MiB each): the per-step logs go to LOGS
+# and come back packed as $OUT/logs.tgz. $OUT then holds at most 6 files: summary.md, logs.tgz,
+# triton_cache.tgz, the two bench_eval JSONs, and the gpu_check.log the call tees.
+LOGS=$(mktemp -d /tmp/gpu_check_logs.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,6 +29,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # each step's limit is cut to what is left, steps that no longer fit are skipped and listed, and
 # every finished step's row goes to $OUT/summary.md at once, so a killed run still reports.
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-560} ))
+# Triton's compiled kernels: a bare machine compiles every kernel again (about a second each).
+# A cache saved by an earlier run on this image (.gpu/triton_cache.tgz, see docs/gpu_check.md)
+# is unpacked first; this run's cache is packed into $OUT/triton_cache.tgz at exit for the next
+# session. A kernel whose key differs (other sources, other triton) is simply compiled again.
+TCACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+mkdir -p "$TCACHE"
+[ -f .gpu/triton_cache.tgz ] && tar xzf .gpu/triton_cache.tgz -C "$TCACHE" \
+  && echo "=== triton cache: $(find "$TCACHE" -name '*.json' | wc -l) files from .gpu/triton_cache.tgz"
+pack() {  # at exit: the step logs, and the Triton cache if it fits what comes back (16 MiB)
+  tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+  tar czf "$OUT/triton_cache.tgz" -C "$TCACHE" . 2>/dev/null
+  if [ "$(stat -c %s "$OUT/triton_cache.tgz" 2>/dev/null || echo 0)" -gt 16000000 ]; then
+    echo "triton cache over 16 MB packed: not returned"; rm -f "$OUT/triton_cache.tgz"
+  fi
+}
+trap pack EXIT
 declare -a SUMMARY
 : > "$OUT/summary.md"
 step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
@@ -35,7 +55,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
   else
     (( limit > left )) && limit=$left
     echo "=== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     local rc=${PIPESTATUS[0]}
     row=$(printf '| %-14s | %-4s | %4ss |' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$(( $(date +%s) - t0 ))")
   fi
@@ -108,7 +128,7 @@ echo "## gpu_check $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,
 echo "| step           | status | time |"
 echo "|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
-for f in "$OUT"/bench-*.log; do
+for f in "$LOGS"/bench-*.log; do
   [ -f "$f" ] || continue
   echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|speed-up|ratio|x faster|GB/s|fused-ff vs|bitwise|error|ERROR' "$f" | head -60
 done

@@ -379,7 +379,7 @@ def _gpu_eager_vs_fused(dtype, contract, steps=5):
     gen = torch.Generator().manual_seed(4)
     shapes = [(4096 + 3, 517), (14336,)]
     params = [torch.randn(s, generator=gen).to("cuda", dtype).requires_grad_(True) for s in shapes]
-    opt = PublishedAdamW(params, lr=HP["lr"], eps=HP["eps"])
+    opt = PublishedAdamW(params, lr=HP["lr"], eps=HP["eps"], fused=False)  # the eager step
     diffs = {"p": 0, "m": 0, "v": 0}
     for t in range(1, steps + 1):
         for p in params:
@@ -438,7 +438,7 @@ def test_gpu_op_trajectory_is_bitwise_published_adamw(dtype):
     mine = [p.detach().clone() for p in params]
     ms = [torch.zeros_like(p) for p in mine]
     vs = [torch.zeros_like(p) for p in mine]
-    opt = PublishedAdamW(params, lr=HP["lr"], eps=HP["eps"])
+    opt = PublishedAdamW(params, lr=HP["lr"], eps=HP["eps"], fused=False)  # the eager step
     for t in range(1, 6):
         grads = [_grads(p.numel(), dtype, gen).view(p.shape).to("cuda") for p in mine]
         for p, g in zip(params, grads):

@@ -564,6 +564,21 @@ def _both_paths(monkeypatch, device, fn):
     return want, got
 
 
+def _poison_empty(monkeypatch):
+    """torch.empty hands out memory filled with NaN (floats) or 85 (other dtypes): a kernel
+    that reads memory before it was written reads the poison, not a stale copy of equal
+    values left by the previous call."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        with torch.no_grad():
+            t.fill_(float("nan") if t.is_floating_point() else 85)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 def _assert_same_loss(device, got, want):
     """Bitwise in the interpreter. On a GPU the stage-1 partials are bitwise the same, but the
     last program reduces the 4096-lane accumulator with the main kernel's warps (1-4) where the
@@ -785,11 +800,15 @@ def test_gpu_fused_finish_many_programs(monkeypatch):
     and 20,480 for rmu_loss (the partials loop runs 5 chunks): 30 calls in a row give bitwise
     the same loss and gradient, the gradient is bitwise the default path's, the loss equals the
     default's to float32 reassociation, and the counter is back at 0. A missing release or
-    acquire would show as a partial read before it was written (a varying or wrong loss)."""
+    acquire would show as a partial read before it was written (a varying or wrong loss): the
+    partials buffer comes poisoned with NaN (without that, the caching allocator hands each
+    call the previous call's block, which holds the very same partials, and a stale read could
+    not be told from a correct one)."""
     h = _rand(8, 2048, 1024, dtype=torch.bfloat16, device="cuda")
     t = _rand(8, 2048, 1024, dtype=torch.bfloat16, seed=1, device="cuda")
     hr = _rand(2, 2048, 1024, dtype=torch.bfloat16, seed=2, device="cuda")
     p8 = ops.pack_activations(_rand(2, 2048, 1024, seed=3, device="cuda"), "int8")
+    _poison_empty(monkeypatch)
 
     def once():
         loss, g, fn = _run(ops.rmu_mse, h, t, scale=3.0)

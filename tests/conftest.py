@@ -8,6 +8,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+_terminal = None
+
+
+def pytest_sessionstart(session):
+    global _terminal
+    # xdist workers report to the controller, whose hook prints (a worker has no terminal)
+    if not hasattr(session.config, "workerinput"):
+        _terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+
+
+def pytest_runtest_logreport(report):
+    """A failing gpu test's traceback is printed as soon as it fails, not only in the final
+    summary: benchmarks/gpu_check.sh runs `pytest -m gpu` under a time limit, and a run killed
+    by it prints no summary at all (with -q only the progress letters would remain)."""
+    if _terminal is None or not report.failed or "gpu" not in report.keywords:
+        return
+    _terminal.write("\n")  # after -q's progress letters
+    _terminal.write_line(f"FAILED (gpu, {report.when}) {report.nodeid}", red=True, bold=True)
+    _terminal.write_line(report.longreprtext[-4000:])
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

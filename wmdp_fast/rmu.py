@@ -159,7 +159,7 @@ class RMUConfig:
             "resume",
             "overwrite",
             "cache_dir",
-            "first_layer_cache",  # the same numbers either way (bitwise)
+            "first_layer_cache",  # the same computation either way (bitwise on the CPU)
         }
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.control_vectors and Path(self.control_vectors).is_file():

@@ -96,7 +96,9 @@ want info && step info 60 python -m wmdp_fast.info
 # never run on a GPU (RMU and eval engines), then the kernel benchmarks measured before
 # pytest-xdist is in the image: 4 workers share the GPU and compile the Triton kernels in parallel
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
-want gpu-tests && step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors $XDIST
+# pytest-timeout (in the image): a hanging test fails alone instead of eating the step's limit
+PTO=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
+want gpu-tests && step gpu-tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider --continue-on-collection-errors $XDIST $PTO
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # the GPU image has no mistral_common: the tokenizer travels in .gpu/tok
   # (python -c "from wmdp_fast.testing import save_mistral_tokenizer as s; s('.gpu/tok')")

@@ -46,6 +46,7 @@ pack() {  # at exit: the step logs, and the Triton cache if it fits what comes b
 }
 trap pack EXIT
 declare -a SUMMARY
+FAILED=0  # the script's exit status: 1 if any step failed (skipped steps do not count)
 : > "$OUT/summary.md"
 step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
   local name=$1 limit=$2; shift 2
@@ -57,6 +58,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
     echo "=== $name (limit ${limit}s): $*"
     timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || FAILED=1
     row=$(printf '| %-14s | %-4s | %4ss |' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$(( $(date +%s) - t0 ))")
   fi
   SUMMARY+=("$row")
@@ -134,3 +136,4 @@ for f in "$LOGS"/bench-*.log; do
   [ -f "$f" ] || continue
   echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|speed-up|ratio|x faster|GB/s|fused-ff vs|bitwise|error|ERROR' "$f" | head -60
 done
+exit $FAILED

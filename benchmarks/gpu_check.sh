@@ -48,21 +48,25 @@ trap pack EXIT
 declare -a SUMMARY
 FAILED=0  # the script's exit status: 1 if any step failed (skipped steps do not count)
 : > "$OUT/summary.md"
-step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s) left=$(( DEADLINE - $(date +%s) )) row
-  if (( left < 15 )); then
-    row=$(printf '| %-14s | %-4s | %4ss |' "$name" "skipped (budget)" 0)
-  else
-    (( limit > left )) && limit=$left
-    echo "=== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
-    local rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || FAILED=1
-    row=$(printf '| %-14s | %-4s | %4ss |' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$(( $(date +%s) - t0 ))")
-  fi
+record() {  # record NAME STATUS SECONDS: one summary row, kept and appended to summary.md
+  local row
+  row=$(printf '| %-14s | %-4s | %4ss |' "$1" "$2" "$3")
   SUMMARY+=("$row")
   echo "$row" >> "$OUT/summary.md"
+}
+step() {  # step NAME TIMEOUT_S CMD...: run, log, remember status and seconds
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s) left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 15 )); then
+    record "$name" "skipped (budget)" 0
+    return
+  fi
+  (( limit > left )) && limit=$left
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || FAILED=1
+  record "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" "$(( $(date +%s) - t0 ))"
 }
 
 want() {  # GPU_CHECK_STEPS="a,b" runs only those steps (e.g. the rest of a cut-off run)
@@ -79,7 +83,7 @@ if [ -n "$PRE" ] && [ "${GPU_CHECK_PREBUILT:-1}" = 1 ] && [[ ",${GPU_CHECK_STEPS
     cp "$PRE" wmdp_fast/
     if cuda_ext_ok; then
       echo "=== build: using the prebuilt extension ($(cat .gpu/prebuilt/built_for.txt 2>/dev/null))"
-      row=$(printf '| %-14s | %-4s | %4ss |' build "prebuilt" 0); SUMMARY+=("$row"); echo "$row" >> "$OUT/summary.md"
+      record build prebuilt 0
     else
       echo "=== build: the prebuilt extension does not import with CUDA here; building"
       rm -f "wmdp_fast/$(basename "$PRE")"

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from wmdp_fast.atomic import atomic_write_text
+
 ARCHS = {
     # Zephyr-7B-beta = Mistral-7B-v0.1 architecture
     "zephyr-7b": dict(
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
         )
     # printed before the fused A/B, so that a failure or the step's time limit there (the
     # fused kernels have not run in this engine on a GPU before) keeps the main comparison
-    emit(report, args.json)
+    emit(report)
+    save_json(report, args.json)
     if (cuda or args.fused_ab) and not args.no_fused:
         fused = {}
         try:
@@ -334,18 +337,21 @@ def main(argv=None) -> int:
         except Exception as exc:  # reported as a row; the rest stays valid
             fused["fused_layers_error"] = f"{type(exc).__name__}: {exc}"
         report.update(fused)
-        emit(fused, None)
-        if args.json:
-            emit({}, args.json, report)
+        emit(fused)
+        save_json(report, args.json)
     return 0
 
 
-def emit(rows: dict, json_path, full: dict | None = None) -> None:
-    """Prints rows as `key: value` lines; with json_path writes `full` (default: rows) there."""
+def emit(rows: dict) -> None:
+    """Prints rows as `key: value` lines."""
     for k, v in rows.items():
         print(f"{k:>22}: {v}", flush=True)
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows if full is None else full, indent=2) + "\n")
+
+
+def save_json(report: dict, path: str | None) -> None:
+    """The whole report as JSON at `path` (if given), written atomically."""
+    if path:
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 
 from wmdp_fast.data import (
     GROUPS,
+    MMLU_CATEGORIES,
     MMLU_SUBJECTS,
     load_task,
     load_tasks,
@@ -74,7 +75,12 @@ def test_mirror_layout_groups_and_limit(tmp_path):
 
 def test_resolve_tasks():
     tasks, groups = resolve_tasks(["mmlu", "mmlu_virology"])
-    assert len(tasks) == 57 == len(MMLU_SUBJECTS) and list(groups) == ["mmlu"]
+    cats = ["mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"]
+    assert len(tasks) == 57 == len(MMLU_SUBJECTS) and list(groups) == ["mmlu", *cats]
+    assert sorted(t for c in cats for t in groups[c]) == sorted(groups["mmlu"])
+    tasks, groups = resolve_tasks("mmlu_humanities")
+    assert list(groups) == ["mmlu_humanities"] and len(tasks) == 13
+    assert "mmlu_world_religions" in tasks and "mmlu_virology" not in tasks
     assert len(GROUPS["mmlu_paper"]) == 4
     tasks, groups = resolve_tasks("wmdp_bio, demo_forget")
     assert tasks == ["wmdp_bio", "demo_forget"] and groups == {}
@@ -161,3 +167,20 @@ def test_non_utf8_file_is_a_data_error_naming_file_and_line(tmp_path, suffix):
         load_task("wmdp_bio", data_dir=tmp_path)
     line = 3 if suffix == ".jsonl" else 2
     assert f"{p}:{line} " in str(info.value) and "UTF-8" in str(info.value)
+
+
+def test_mmlu_categories_are_lm_evals():
+    """The four MMLU categories partition the 57 subjects exactly as lm-eval's subject yamls
+    tag them (`tag: mmlu_<category>_tasks`)."""
+    import re
+    from pathlib import Path
+
+    lm_tasks = pytest.importorskip("lm_eval.tasks")
+    theirs: dict[str, set[str]] = {}
+    for f in (Path(lm_tasks.__file__).parent / "mmlu" / "default").glob("mmlu_*.yaml"):
+        text = f.read_text()
+        cat = re.search(r'"?tag"?: "?mmlu_(\w+)_tasks"?', text).group(1)
+        subject = re.search(r'"?dataset_name"?: "?(\w+)"?', text).group(1)
+        theirs.setdefault(cat, set()).add(subject)
+    assert {c: set(s) for c, s in MMLU_CATEGORIES.items()} == theirs
+    assert sorted(s for subs in MMLU_CATEGORIES.values() for s in subs) == sorted(MMLU_SUBJECTS)

@@ -50,11 +50,36 @@ tok = AutoTokenizer.from_pretrained(model_dir)
 lm = HFLM(pretrained=m, tokenizer=tok, batch_size=8, device="cpu")
 r = simple_evaluate(lm, tasks=[task], task_manager=TaskManager(include_path=task_dir),
                     log_samples=True)
-samples = [{"doc_id": s["doc_id"], "ctx": s["arguments"][0][0],
-            "lls": [x[0][0] for x in s["resps"]]} for s in r["samples"][task]]
-json.dump({"results": r["results"][task], "samples": samples, "file": lm_eval.__file__},
+samples = {name: [{"doc_id": s["doc_id"], "ctx": s["arguments"][0][0],
+                   "lls": [x[0][0] for x in s["resps"]]} for s in ss]
+           for name, ss in r["samples"].items()}
+json.dump({"results": r["results"], "samples": samples, "file": lm_eval.__file__},
           open(out, "w"))
 """
+
+
+def run_lm_eval_042(tmp_path: Path, model_dir: Path, tasks: Path, task: str) -> dict:
+    """Run the real lm-eval 0.4.2 on `task` (a task or group of the yamls in `tasks`)."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    out = tmp_path / f"out_{task}.json"
+    env = {**os.environ, "PYTHONPATH": LM_EVAL_042}
+    subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), str(model_dir), str(tasks), task, str(out)],
+        check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600,
+    )  # fmt: skip
+    theirs = json.loads(out.read_text())
+    assert theirs["file"].startswith(LM_EVAL_042)
+    return theirs
+
+
+def task_yaml(name: str, data: Path, group: str) -> str:
+    template = Path(LM_EVAL_042) / "lm_eval" / "tasks" / "wmdp" / "_default_template_yaml"
+    return (
+        f"include: {template}\ntask: {name}\ngroup: {group}\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'description: "The following are multiple choice questions (with answers) about '
+        'biology.\\n\\n"\n'
+    )
 
 
 def test_protocol_042_matches_real_lm_eval_042(tmp_path):
@@ -73,23 +98,9 @@ def test_protocol_042_matches_real_lm_eval_042(tmp_path):
     model_dir = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=0, sliding_window=32)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    template = Path(LM_EVAL_042) / "lm_eval" / "tasks" / "wmdp" / "_default_template_yaml"
-    (tasks / "v_bio.yaml").write_text(
-        f"include: {template}\ntask: v_bio\ngroup: v_grp\ndataset_path: json\n"
-        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        'description: "The following are multiple choice questions (with answers) about '
-        'biology.\\n\\n"\n'
-    )
-    (tmp_path / "driver.py").write_text(DRIVER)
-    out = tmp_path / "out.json"
-    env = {**os.environ, "PYTHONPATH": LM_EVAL_042}
-    subprocess.run(
-        [sys.executable, str(tmp_path / "driver.py"), str(model_dir), str(tasks), "v_bio", str(out)],
-        check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600,
-    )  # fmt: skip
-    theirs = json.loads(out.read_text())
-    assert theirs["file"].startswith(LM_EVAL_042)
-    lm = sorted(theirs["samples"], key=lambda s: s["doc_id"])
+    (tasks / "v_bio.yaml").write_text(task_yaml("v_bio", data, "v_grp"))
+    theirs = run_lm_eval_042(tmp_path, model_dir, tasks, "v_bio")
+    lm = sorted(theirs["samples"]["v_bio"], key=lambda s: s["doc_id"])
 
     model, tok = load_model(str(model_dir), "float32", "cpu"), load_tokenizer(str(model_dir))
     task = MCQTask("v_bio", "biology", str(data), read_mcq_file(data))
@@ -99,7 +110,7 @@ def test_protocol_042_matches_real_lm_eval_042(tmp_path):
         assert s["ctx"] == proto.context(doc["question"], doc["choices"], "biology")
         assert max(abs(a - b) for a, b in zip(s["lls"], t["loglikelihoods"])) <= 1e-4
         assert t["pred"] == max(range(4), key=lambda i: (s["lls"][i], -i))
-    assert ours["results"]["v_bio"]["acc"] == pytest.approx(theirs["results"]["acc,none"])
+    assert ours["results"]["v_bio"]["acc"] == pytest.approx(theirs["results"]["v_bio"]["acc,none"])
     # and the current protocol does NOT reproduce 0.4.2 (the check can fail)
     cur = evaluate(model, tok, [task], log_samples=True, progress=False)
     assert (
@@ -110,3 +121,46 @@ def test_protocol_042_matches_real_lm_eval_042(tmp_path):
         )
         > 0.1
     )
+
+
+def test_nested_group_matches_real_lm_eval_042(tmp_path, monkeypatch):
+    """A group of groups, as 0.4.2 defined `mmlu` (subject yamls say `group: mmlu_stem`, ...;
+    `_mmlu.yaml` lists the four categories): 0.4.2 pools the subgroups' stderrs, and the
+    lm-eval-0.4.2 protocol must give its numbers for every level."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_evaluate_parity import random_docs
+
+    from wmdp_fast import data as data_mod
+    from wmdp_fast.data import MCQTask
+    from wmdp_fast.evaluate import evaluate
+    from wmdp_fast.models import load_model, load_tokenizer
+    from wmdp_fast.testing import make_tiny_model
+
+    rng = random.Random(11)
+    parts = {"v_a": random_docs(rng, 6), "v_b": random_docs(rng, 9), "v_c": random_docs(rng, 7)}
+    model_dir = make_tiny_model(tmp_path / "mistral", arch="mistral", seed=0, sliding_window=32)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, docs in parts.items():
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(d) + "\n" for d in docs), "utf-8")
+        (tasks / f"{name}.yaml").write_text(task_yaml(name, f, "v_g2" if name == "v_c" else "v_g1"))
+    (tasks / "v_outer.yaml").write_text("group: v_outer\ntask:\n  - v_g1\n  - v_g2\n")
+    theirs = run_lm_eval_042(tmp_path, model_dir, tasks, "v_outer")["results"]
+
+    model, tok = load_model(str(model_dir), "float32", "cpu"), load_tokenizer(str(model_dir))
+    objs = [MCQTask(n, "biology", n, docs) for n, docs in parts.items()]
+    groups = {"v_outer": ["v_a", "v_b", "v_c"], "v_g1": ["v_a", "v_b"], "v_g2": ["v_c"]}
+    monkeypatch.setitem(data_mod.SUBGROUPS, "v_outer", ("v_g1", "v_g2"))
+    ours = evaluate(model, tok, objs, groups=groups, protocol="lm-eval-0.4.2", progress=False)
+    for g in groups:
+        assert ours["groups"][g]["acc"] == pytest.approx(theirs[g]["acc,none"], abs=1e-12)
+        assert ours["groups"][g]["acc_stderr"] == pytest.approx(
+            theirs[g]["acc_stderr,none"], rel=1e-9
+        )
+    # pooled over the leaves instead (0.4.13's rule) it differs, so the check above can fail
+    from wmdp_fast.evaluate import _pooled_stderr
+
+    leaves = [ours["results"][n] for n in parts]
+    flat = _pooled_stderr([r["acc_stderr"] for r in leaves], [r["n"] for r in leaves])
+    assert abs(flat - theirs["v_outer"]["acc_stderr,none"]) > 1e-4 * flat

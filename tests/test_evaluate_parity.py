@@ -11,6 +11,7 @@ stderr and the size-weighted group, for both protocols.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -317,3 +318,61 @@ def test_padding_and_batching_do_not_change_results(kit):
     )
     assert d > 1e-3
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.slow
+def test_nested_groups_match_lm_eval(kit, tmp_path, monkeypatch):
+    """A group of groups (how lm-eval defines `mmlu` over its four categories): lm-eval 0.4.13
+    aggregates it over its leaf tasks, and so does the current protocol; the 0.4.2 protocol
+    pools the subgroups instead (that release's evaluator), which gives another stderr."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from wmdp_fast import data
+
+    bio = read_mcq_file(kit["files"]["p_bio"])
+    parts = {
+        "n_a": bio[:7],
+        "n_b": bio[7:],
+        "n_c": read_mcq_file(kit["files"]["p_cyber"]),
+    }
+    template = Path(lm_eval.tasks.__file__).parent / "wmdp" / "_default_template_yaml"
+    d = tmp_path / "nested"
+    d.mkdir()
+    for name, docs in parts.items():
+        f = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+        (d / f"{name}.yaml").write_text(
+            f"include: {template}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {f}\n"
+            'description: "The following are multiple choice questions (with answers) about '
+            'biology.\\n\\n"\n'
+        )
+    agg = "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n"
+    (d / "n_g1.yaml").write_text("group: n_g1\ntask:\n  - n_a\n  - n_b\n" + agg)
+    (d / "n_g2.yaml").write_text("group: n_g2\ntask:\n  - n_c\n" + agg)
+    (d / "n_outer.yaml").write_text("group: n_outer\ntask:\n  - n_g1\n  - n_g2\n" + agg)
+    model, tok = load(kit["mistral"])
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
+    tm = TaskManager(include_path=str(d), include_defaults=False)
+    res_lm = simple_evaluate(lm, tasks=["n_outer"], task_manager=tm)["results"]
+
+    tasks = [MCQTask(n, "biology", n, docs) for n, docs in parts.items()]
+    groups = {"n_outer": ["n_a", "n_b", "n_c"], "n_g1": ["n_a", "n_b"], "n_g2": ["n_c"]}
+    monkeypatch.setitem(data.SUBGROUPS, "n_outer", ("n_g1", "n_g2"))
+    cur = evaluate(model, tok, tasks, groups=groups, progress=False)
+    for g in groups:
+        assert cur["groups"][g]["acc"] == pytest.approx(res_lm[g]["acc,none"], abs=1e-12)
+        assert cur["groups"][g]["acc_stderr"] == pytest.approx(
+            res_lm[g]["acc_stderr,none"], rel=1e-9
+        )
+    old = evaluate(model, tok, tasks, groups=groups, protocol="lm-eval-0.4.2", progress=False)
+    g1, g2 = old["groups"]["n_g1"], old["groups"]["n_g2"]
+    nested = math.sqrt(
+        ((g1["n"] - 1) * g1["acc_stderr"] ** 2 * g1["n"] + (g2["n"] - 1) * g2["acc_stderr"] ** 2 * g2["n"])
+        / (g1["n"] + g2["n"] - 2)
+        / (g1["n"] + g2["n"])
+    )  # fmt: skip
+    assert old["groups"]["n_outer"]["acc_stderr"] == pytest.approx(nested, rel=1e-12)
+    # the two rules really differ here, so the checks above can tell them apart
+    assert abs(nested - cur["groups"]["n_outer"]["acc_stderr"]) > 1e-4 * nested

@@ -47,6 +47,35 @@ MMLU_PAPER_SUBJECTS = (
     "college_computer_science",
     "computer_security",
 )
+# lm-eval's MMLU categories (the subject yamls' `tag: mmlu_<category>_tasks` in 0.4.13,
+# `group: mmlu_<category>` in 0.4.2: the same split), in the order of lm-eval's _mmlu.yaml
+MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "stem": (
+        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+        "college_computer_science", "college_mathematics", "college_physics",
+        "computer_security", "conceptual_physics", "electrical_engineering",
+        "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+        "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning",
+    ),
+    "other": (
+        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts",
+        "human_aging", "management", "marketing", "medical_genetics", "miscellaneous",
+        "nutrition", "professional_accounting", "professional_medicine", "virology",
+    ),
+    "social_sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+        "sociology", "us_foreign_policy",
+    ),
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history",
+        "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+        "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+        "world_religions",
+    ),
+}  # fmt: skip
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -87,8 +116,12 @@ TASK_SPECS: dict[str, TaskSpec] = _builtin_specs()
 GROUPS: dict[str, tuple[str, ...]] = {
     "wmdp": ("wmdp_bio", "wmdp_cyber", "wmdp_chem"),
     "mmlu": tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS),
+    **{f"mmlu_{c}": tuple(f"mmlu_{s}" for s in subs) for c, subs in MMLU_CATEGORIES.items()},
     "mmlu_paper": tuple(f"mmlu_{s}" for s in MMLU_PAPER_SUBJECTS),
 }
+# groups made of groups, as lm-eval defines them: naming the parent also reports the children
+# (`--tasks mmlu` reports mmlu_stem, mmlu_other, ... as lm-eval does)
+SUBGROUPS: dict[str, tuple[str, ...]] = {"mmlu": tuple(f"mmlu_{c}" for c in MMLU_CATEGORIES)}
 DEMO_TASKS = ("demo_forget", "demo_retain")
 
 
@@ -116,7 +149,9 @@ def task_spec(name: str) -> TaskSpec:
 def resolve_tasks(names: str | list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Expand task and group names ("wmdp,mmlu_paper" or a list) into (tasks, groups).
 
-    tasks: unique task names in order; groups: {group: [its tasks]} for each group named.
+    tasks: unique task names in order; groups: {group: [its tasks]} for each group named, and
+    for `mmlu` also its four lm-eval categories (mmlu_stem, mmlu_other, mmlu_social_sciences,
+    mmlu_humanities).
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
@@ -129,6 +164,8 @@ def resolve_tasks(names: str | list[str]) -> tuple[list[str], dict[str, list[str
         members = list(GROUPS[n]) if n in GROUPS else [n]
         if n in GROUPS:
             groups[n] = members
+            for sub in SUBGROUPS.get(n, ()):
+                groups.setdefault(sub, list(GROUPS[sub]))
         for m in members:
             task_spec(m)
             if m not in tasks:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tasks",
-        help="comma-separated tasks/groups: wmdp, mmlu, mmlu_paper, wmdp_bio, mmlu_<subject>, "
+        help="comma-separated tasks/groups: wmdp, mmlu (also reports mmlu_stem, mmlu_other, "
+        "mmlu_social_sciences, mmlu_humanities), mmlu_paper, wmdp_bio, mmlu_<subject>, "
         "demo_forget, demo_retain (default: wmdp; the demo tasks when --model is omitted)",
     )
     p.add_argument("--data-dir", help="local mirror of the hub data (wmdp-bio.jsonl, mmlu/...)")

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp_fast import ops
-from wmdp_fast.data import MCQTask, check_limit, load_tasks, validate_row
+from wmdp_fast.data import SUBGROUPS, MCQTask, check_limit, load_tasks, validate_row
 from wmdp_fast.errors import ConfigError, DataError, ModelError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 
@@ -383,6 +383,17 @@ def _pooled_stderr(stderrs: list[float | None], sizes: list[int]) -> float | Non
     return math.sqrt(var / sum(sizes))
 
 
+def _aggregate(parts: list[dict]) -> dict:
+    """A size-weighted group of results {"acc", "acc_stderr", "n"} (lm-eval's
+    aggregate_subtask_metrics and pooled_sample_stderr)."""
+    sizes = [p["n"] for p in parts]
+    return {
+        "acc": sum(p["acc"] * n for p, n in zip(parts, sizes)) / sum(sizes),
+        "acc_stderr": _pooled_stderr([p["acc_stderr"] for p in parts], sizes),
+        "n": sum(sizes),
+    }
+
+
 def _argmax_first(xs: list[float]) -> int:
     best = 0
     for i, x in enumerate(xs):
@@ -441,7 +452,9 @@ def evaluate(
         "acc_stderr", "n"}}, "protocol", "model", "dtype", "versions", "seconds"} and, with
         log_samples, "samples": [{"task", "doc_id", "loglikelihoods", "pred", "answer",
         "is_greedy"}]. Group acc is the size-weighted mean of its tasks, group acc_stderr
-        lm-eval's pooled sample stderr.
+        lm-eval's pooled sample stderr (over its tasks; under lm-eval-0.4.2, `mmlu`'s over its
+        four categories, as that release computed it). Naming `mmlu` also reports its four
+        categories (mmlu_stem, mmlu_other, mmlu_social_sciences, mmlu_humanities), as lm-eval.
 
     Raises DataError (bad data, before the model runs), ConfigError, ModelError, ResourceError.
     """
@@ -521,15 +534,11 @@ def evaluate(
             "acc_stderr": _mean_stderr(correct),
             "n": len(correct),
         }
-    group_res = {}
-    for g, members in groups.items():
-        sizes = [results[m]["n"] for m in members]
-        accs = [results[m]["acc"] for m in members]
-        group_res[g] = {
-            "acc": sum(a * n for a, n in zip(accs, sizes)) / sum(sizes),
-            "acc_stderr": _pooled_stderr([results[m]["acc_stderr"] for m in members], sizes),
-            "n": sum(sizes),
-        }
+    group_res = {g: _aggregate([results[m] for m in members]) for g, members in groups.items()}
+    if proto.nested_groups:  # lm-eval 0.4.2: a parent from its subgroups, not its leaves
+        for g, subs in SUBGROUPS.items():
+            if g in group_res and all(s in group_res for s in subs):
+                group_res[g] = _aggregate([group_res[s] for s in subs])
     out = {
         "results": results,
         "groups": group_res,

@@ -37,12 +37,17 @@ class Protocol:
     bos: 'tokenizer' = encode with the tokenizer's default special tokens (lm-eval >= PR #3347);
         'gemma-only' = ``add_special_tokens=False`` unless the model type is exactly 'gemma'.
     lm_eval_version: the release it reproduces.
+    nested_groups: a group made of groups (``mmlu`` of its four categories) is aggregated from
+        its subgroups' acc and stderr (lm-eval 0.4.2's evaluator walks the group tree bottom
+        up); otherwise from its leaf tasks (0.4.13's ``Group.aggregate``). The acc is the
+        same size-weighted mean either way; the pooled stderr is not.
     """
 
     name: str
     strip_one_description_newline: bool
     bos: str
     lm_eval_version: str
+    nested_groups: bool = False
 
     def description(self, subject: str) -> str:
         """The task description line(s) for `subject` as this release renders it."""
@@ -64,7 +69,7 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "lm-eval-current": Protocol("lm-eval-current", False, "tokenizer", "0.4.13"),
-    "lm-eval-0.4.2": Protocol("lm-eval-0.4.2", True, "gemma-only", "0.4.2"),
+    "lm-eval-0.4.2": Protocol("lm-eval-0.4.2", True, "gemma-only", "0.4.2", nested_groups=True),
 }
 DEFAULT_PROTOCOL = "lm-eval-current"
 

@@ -10,6 +10,7 @@ from wmdp_fast.data import (
     GROUPS,
     MMLU_CATEGORIES,
     MMLU_SUBJECTS,
+    apply_limit,
     load_task,
     load_tasks,
     read_mcq_file,
@@ -184,3 +185,20 @@ def test_mmlu_categories_are_lm_evals():
         theirs.setdefault(cat, set()).add(subject)
     assert {c: set(s) for c, s in MMLU_CATEGORIES.items()} == theirs
     assert sorted(s for subs in MMLU_CATEGORIES.values() for s in subs) == sorted(MMLU_SUBJECTS)
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2, 5, 40, 0.5, 0.01, 0.3, 2.7, 0.999])
+def test_limit_is_lm_evals(tmp_path, limit):
+    """--limit as lm-eval's get_sample_size: a count, or below 1 a fraction rounded up."""
+    evaluator_utils = pytest.importorskip("lm_eval.evaluator_utils")
+    rows = [{**GOOD, "question": f"Q{i}?"} for i in range(7)]
+    write_jsonl(tmp_path / "wmdp-bio.jsonl", rows)
+    docs = load_task("wmdp_bio", tmp_path, limit).docs
+    n = evaluator_utils.get_sample_size(type("T", (), {"eval_docs": rows})(), limit)
+    assert docs == rows[: (7 if n is None else n)]
+
+
+def test_bad_limits():
+    for bad in (0, -1, 0.0, "3", True, float("nan")):
+        with pytest.raises(ConfigError, match="--limit must be"):
+            apply_limit([GOOD], bad)

@@ -78,6 +78,12 @@ def test_full_run_writes_results_and_samples(setup, capsys):
     assert json.loads(out3.read_text())["max_length"] == 8
     short = [json.loads(x) for x in samples3.read_text().splitlines()]
     assert all(a["loglikelihoods"] != b["loglikelihoods"] for a, b in zip(lines, short))
+    # lm-eval's fractional --limit: ceil(5 * 0.5) = 3 of each task's 5 questions
+    out4 = root / "res_frac.json"
+    frac = argv[:8] + ["--limit", "0.5", "--output", str(out4), "--no-progress"]
+    assert main(frac) == 0
+    res4 = json.loads(out4.read_text())
+    assert res4["limit"] == 0.5 and all(r["n"] == 3 for r in res4["results"].values())
 
 
 def test_bad_data_exits_1_with_one_line(setup, tmp_path, capsys):

@@ -268,7 +268,9 @@ def test_bad_limit_or_empty_task_is_refused_before_model_work():
     (docs[:-1]) or divide by zero, and an empty task is a DataError naming it."""
     task = MCQTask("t", "biology", "synthetic.jsonl", _docs(3))
     for bad in (0, -1):
-        with pytest.raises(ConfigError, match=f"limit must be >= 1, got {bad}"):
+        with pytest.raises(
+            ConfigError, match=f"limit must be a count >= 1 or a fraction in \\(0, 1\\), got {bad}"
+        ):
             ev.evaluate(Boom(), Boom(), [task], limit=bad, progress=False)
     empty = MCQTask("t_empty", "biology", "empty.jsonl", [])
     with pytest.raises(DataError, match=r"t_empty \(empty\.jsonl\): no questions"):

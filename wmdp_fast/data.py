@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,14 +325,27 @@ def _load_hub(spec: TaskSpec) -> list[dict]:
     return [validate_row(dict(r), f"{where}: row {i}") for i, r in enumerate(ds)]
 
 
-def check_limit(limit: int | None) -> None:
-    """`limit` (first N questions of each task) must be None or >= 1."""
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {limit}")
+def check_limit(limit: float | None) -> None:
+    """`limit` must be None, a count >= 1 or a fraction in (0, 1) (lm-eval's --limit)."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0:
+        raise ConfigError(f"--limit must be a count >= 1 or a fraction in (0, 1), got {limit!r}")
+
+
+def apply_limit(docs: list, limit: float | None) -> list:
+    """The questions lm-eval scores under --limit (``get_sample_size``): the first
+    ``ceil(len * limit)`` for a fraction below 1, else the first ``int(limit)``."""
+    check_limit(limit)
+    if limit is None:
+        return docs
+    n = math.ceil(len(docs) * limit) if limit < 1.0 else int(limit)
+    return docs[:n]
 
 
 def load_task(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> MCQTask:
-    """Load and validate one task. `limit` keeps the first N questions (as lm-eval's --limit)."""
+    """Load and validate one task. `limit` keeps the first N questions, or a fraction of them
+    when below 1 (`apply_limit`, as lm-eval's --limit)."""
     check_limit(limit)
     spec = task_spec(name)
     if spec.file is not None:
@@ -343,9 +357,7 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
         docs, source = _load_hub(spec), f"{spec.hub_path}:{spec.hub_config}"
         if not docs:
             raise DataError(f"{source}: no questions")
-    if limit is not None:
-        docs = docs[:limit]
-    return MCQTask(name=name, subject=spec.subject, source=source, docs=docs)
+    return MCQTask(name=name, subject=spec.subject, source=source, docs=apply_limit(docs, limit))
 
 
 def load_tasks(

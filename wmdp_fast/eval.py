@@ -34,6 +34,19 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def limit_arg(text: str) -> float:
+    """--limit as lm-eval reads it: a count (>= 1) or a fraction of each task (0 < x < 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a count >= 1 or a fraction in (0, 1), got {text}"
+        )
+    return int(v) if v >= 1 else v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m wmdp_fast.eval",
@@ -60,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit (bitsandbytes)")
     p.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 8-bit (bitsandbytes)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
-    p.add_argument("--limit", type=_positive_int, help="first N questions of each task")
+    p.add_argument(
+        "--limit",
+        type=limit_arg,
+        help="first N questions of each task; below 1, that fraction of each (as lm-eval)",
+    )
     p.add_argument(
         "--batch-tokens", type=_positive_int, help="tokens per batch (default: from free memory)"
     )

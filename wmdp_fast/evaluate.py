@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmdp_fast import ops
-from wmdp_fast.data import SUBGROUPS, MCQTask, check_limit, load_tasks, validate_row
+from wmdp_fast.data import SUBGROUPS, MCQTask, apply_limit, check_limit, load_tasks, validate_row
 from wmdp_fast.errors import ConfigError, DataError, ModelError, ResourceError
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol
 
@@ -412,7 +412,7 @@ def evaluate(
     *,
     protocol: str = "lm-eval-current",
     data_dir: str | None = None,
-    limit: int | None = None,
+    limit: float | None = None,
     batch_tokens: int | None = None,
     max_length: int | None = None,
     log_samples: bool = False,
@@ -432,7 +432,8 @@ def evaluate(
             applies and their rows are validated like files).
         protocol: "lm-eval-current" (lm-eval 0.4.13, default) or "lm-eval-0.4.2" (the paper).
         data_dir: local mirror of the hub data (None = Hugging Face hub).
-        limit: first N questions of each task.
+        limit: first N questions of each task; a fraction below 1 keeps the first
+            ceil(n * limit) of each (lm-eval's --limit).
         batch_tokens: token budget per batch (None = automatic from free memory).
         max_length: context length (None = lm-eval's rule from the model config).
         log_samples: also return per-question records under "samples".
@@ -465,7 +466,10 @@ def evaluate(
         task_objs = []
         for t in tasks:
             where = f"task {t.name} ({t.source})"
-            docs = [validate_row(d, f"{where}: row {i}") for i, d in enumerate(t.docs[:limit])]
+            docs = [
+                validate_row(d, f"{where}: row {i}")
+                for i, d in enumerate(apply_limit(t.docs, limit))
+            ]
             if not docs:
                 raise DataError(f"{where}: no questions")
             task_objs.append(MCQTask(t.name, t.subject, t.source, docs))

@@ -92,7 +92,7 @@ class RMUConfig:
     device: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
     eval_data_dir: str | None = None
-    eval_limit: int | None = None
+    eval_limit: float | None = None
     eval_protocol: str = "lm-eval-current"
     checkpoint_every: int = 0
     resume: bool = False

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from wmdp_fast.errors import ConfigError, run_cli
+from wmdp_fast.eval import limit_arg
 
 # The published script's flags; their defaults (the published Zephyr-7B run) live in RMUConfig.
 PUBLISHED_FLAGS = (
@@ -280,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="local mirror of the evaluation data",
     )
     add.add_argument(
-        "--eval-limit", dest="eval_limit", type=int, default=None, help="first N questions per task"
+        "--eval-limit",
+        dest="eval_limit",
+        type=limit_arg,
+        default=None,
+        help="first N questions per task; below 1, that fraction of each (as lm-eval)",
     )
     add.add_argument(
         "--eval-protocol",

@@ -65,6 +65,57 @@ def save_mistral_tokenizer(out_dir: str | Path):
     return tok
 
 
+def save_tekken_tokenizer(out_dir: str | Path, bos: bool = True):
+    """Write a real byte-level BPE HF tokenizer (Mistral NeMo's "tekken", 131,072 tokens: a
+    tiktoken-style regex pre-tokenizer, GPT-2 byte-to-unicode 'Ġ' pieces, every byte a token)
+    to `out_dir` and return it. Built offline from `tekken_240911.json` in the mistral_common
+    wheel by `transformers.integrations.mistral.convert_tekken_tokenizer`.
+
+    Ids 0..999 are special tokens ("<unk>" 0, "<s>" 1, "</s>" 2, "<pad>" 11, ...). The bare
+    conversion adds nothing when encoding; two flavours of the families that use such
+    tokenizers:
+
+    - bos=True, Llama-3-like: the tokenizer.json post-processor is ByteLevel then a template
+      that prepends "<s>" (id 1), as Llama-3's prepends <|begin_of_text|>; no unk or pad token.
+    - bos=False, Qwen2-like: bos_token None and nothing added; pad = eos = "</s>" (id 2).
+
+    In either flavour " A".." D" after "Answer:" are single tokens (ids 1349, 1398, 1359, 1407).
+    Saved next to a config.json of model_type "qwen2", transformers 5's AutoTokenizer loads the
+    folder as Qwen2Tokenizer: these vocab and merges under Qwen2's own NFC normalizer and
+    pre-tokenizer regex (a Llama folder keeps tekken's pipeline as written).
+    """
+    try:
+        import mistral_common
+    except ImportError as exc:
+        raise ImportError("the tekken tokenizer needs `pip install mistral_common`") from exc
+    from tokenizers import processors
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    if not src.is_file():  # pragma: no cover
+        raise FileNotFoundError(f"{src} missing from the mistral_common wheel")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = convert_tekken_tokenizer(str(src), chat_template="")
+    tok.chat_template = None  # no chat_template.jinja: scoring never applies one
+    tok.unk_token = None
+    if bos:
+        tok.pad_token = None
+        tok.backend_tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", 1)]
+                ),
+            ]
+        )
+    else:
+        tok.bos_token = None
+        tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(out))
+    return tok
+
+
 ARCHS = ("mistral", "llama", "qwen2", "gemma", "gemma2", "mixtral")
 
 

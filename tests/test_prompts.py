@@ -148,3 +148,24 @@ def test_encode_pairs_bos_and_single_token_answers(tmp_path):
     # a context that already starts with the BOS text is not given a second BOS (0.4.13 rule)
     (c_pref, _) = encode_pairs(tok, ["<s>" + ctx], continuations(), None)[0]
     assert c_pref.count(1) == 1
+
+
+def test_bos_prefix_rule_is_lm_evals_also_for_an_empty_bos_text(tmp_path, monkeypatch):
+    """lm-eval 0.4.13's tok_encode drops special tokens when has_bos_prefix(string,
+    decode(prefix_token_id)) holds; a BOS that decodes to "" is a prefix of every string."""
+    lm_utils = pytest.importorskip("lm_eval.models.utils")
+    from wmdp_fast.testing import save_mistral_tokenizer
+
+    tok = save_mistral_tokenizer(tmp_path)
+    ctx = get_protocol("lm-eval-current").context("Q?", ["a", "b", "c", "d"], "biology")
+    for bos_text in ("<s>", ""):
+
+        def fake_decode(ids, *a, _bos=bos_text, _decode=tok.decode, **k):
+            return _bos if ids == 1 else _decode(ids, *a, **k)
+
+        monkeypatch.setattr(tok, "decode", fake_decode)
+        kwargs = {"add_special_tokens": False} if lm_utils.has_bos_prefix(ctx, bos_text) else {}
+        (c, _) = encode_pairs(tok, [ctx], continuations(), None)[0]
+        assert c == tok.encode(ctx, **kwargs)
+        assert (c[0] == 1) == (bos_text == "<s>")  # the two cases differ, so this can fail
+        monkeypatch.undo()

@@ -115,8 +115,10 @@ def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool | None) -
     )
     bos_text = tokenizer.decode(bos_id) if bos_id is not None else None
     out: list[list[int] | None] = [None] * len(texts)
-    plain = [i for i, t in enumerate(texts) if not (bos_text and t.startswith(bos_text))]
-    prefixed = [i for i, t in enumerate(texts) if bos_text and t.startswith(bos_text)]
+    # lm-eval's has_bos_prefix: a BOS that decodes to "" prefixes every string
+    has_bos = [bos_text is not None and t.startswith(bos_text) for t in texts]
+    prefixed = [i for i, b in enumerate(has_bos) if b]
+    plain = [i for i, b in enumerate(has_bos) if not b]
     if plain:
         for i, ids in zip(plain, tokenizer([texts[i] for i in plain])["input_ids"]):
             out[i] = ids

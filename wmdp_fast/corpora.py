@@ -8,6 +8,8 @@
   published code; in clean mode the JSON `text` field is parsed.
 - a document is kept when `len(text) > min_len`; the corpus is cut into consecutive batches of
   `batch_size` documents in file order (the last batch may be short).
+- reading stops once `max_num_batches * batch_size` documents are kept: a run never uses more
+  (the published script read whole files; the documents used are the same).
 
 Corpora other than wikitext are read from `DIR/<name>.jsonl` (default DIR: `data`, as the
 published script).
@@ -27,19 +29,23 @@ log = logging.getLogger("wmdp_fast")
 MODES = ("exact", "clean")
 
 
-def _read_jsonl_text(path: Path, parse: bool) -> list[str]:
+def _read_jsonl_text(path: Path, parse: bool, keep, max_docs: int | None) -> tuple[list[str], bool]:
     try:
-        return _read_lines(path, parse)
+        return _read_lines(path, parse, keep, max_docs)
     except UnicodeDecodeError as exc:
         raise not_utf8_error(path, exc) from exc
 
 
-def _read_lines(path: Path, parse: bool) -> list[str]:
+def _read_lines(path: Path, parse: bool, keep, max_docs: int | None) -> tuple[list[str], bool]:
+    """(the kept documents, whether reading stopped early at `max_docs` of them)."""
     docs = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
+            if max_docs is not None and len(docs) >= max_docs:
+                return docs, True
             if not parse:
-                docs.append(line)
+                if keep(line):
+                    docs.append(line)
                 continue
             if not line.strip():
                 continue
@@ -54,8 +60,9 @@ def _read_lines(path: Path, parse: bool) -> list[str]:
                 raise DataError(
                     f'{path}:{lineno}: expected a JSON object with a string "text" field'
                 )
-            docs.append(obj["text"])
-    return docs
+            if keep(obj["text"]):
+                docs.append(obj["text"])
+    return docs, False
 
 
 def _wikitext_from_hub(local: Path | None = None) -> list[str]:
@@ -85,17 +92,27 @@ def load_corpus(
     corpus_dir: str | Path | None = None,
     min_len: int = 0,
     mode: str = "exact",
+    max_docs: int | None = None,
 ) -> list[str]:
-    """The documents of corpus `name` (after the `len(text) > min_len` filter), in file order."""
+    """The documents of corpus `name` (after the `len(text) > min_len` filter), in file order.
+
+    max_docs: stop after that many kept documents (a run of N batches of B documents never uses
+    more than the first N * B; the published script read the whole file, e.g. ~1 GB of JSON
+    for the bio forget corpus, to use its first 600 documents). The documents returned are the
+    same as the first `max_docs` of a full read."""
     if mode not in MODES:
         raise ConfigError(f"corpus mode must be one of {MODES}, got {mode!r}")
+    if max_docs is not None and max_docs < 1:
+        raise ConfigError(f"max_docs must be >= 1, got {max_docs}")
     if not name or "/" in name or "\\" in name:
         raise ConfigError(f"corpus name {name!r} is invalid: give a bare name such as 'wikitext'")
     local_wikitext = Path(corpus_dir) / "wikitext.jsonl" if corpus_dir is not None else None
     if name == "wikitext" and (local_wikitext is None or not local_wikitext.is_file()):
         if local_wikitext is not None:
             log.info("%s does not exist: wikitext comes from the hub", local_wikitext)
-        docs = _wikitext_from_hub(local_wikitext)
+        kept = [str(t) for t in _wikitext_from_hub(local_wikitext) if len(str(t)) > min_len]
+        more = max_docs is not None and len(kept) > max_docs
+        kept = kept[:max_docs] if more else kept
         where = "wikitext-2-raw-v1 (hub)"
     else:
         base = Path(corpus_dir) if corpus_dir is not None else Path("data")
@@ -108,14 +125,19 @@ def load_corpus(
                 + "; pass --corpus-dir DIR holding <name>.jsonl (one document per line)"
             )
         parse = name == "wikitext" or "bio-forget-corpus" in name or mode == "clean"
-        docs = _read_jsonl_text(path, parse=parse)
+        kept, more = _read_jsonl_text(path, parse, lambda t: len(t) > min_len, max_docs)
+        kept = [str(t) for t in kept]
         where = str(path)
-    kept = [str(t) for t in docs if len(t) > min_len]
     if not kept:
         raise DataError(
             f"corpus {name!r} ({where}) has no document longer than --min_len {min_len}"
         )
-    log.info("corpus %s: %d documents from %s", name, len(kept), where)
+    if more:
+        log.info(
+            "corpus %s: the first %d documents of %s (all the run can use)", name, len(kept), where
+        )
+    else:
+        log.info("corpus %s: %d documents from %s", name, len(kept), where)
     return kept
 
 
@@ -149,11 +171,13 @@ def load_corpora(
         )
     if max_num_batches < 1:
         raise ConfigError(f"--max_num_batches must be >= 1, got {max_num_batches}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
     cache: dict[str, list[str]] = {}
 
     def get(name: str) -> list[list[str]]:
-        if name not in cache:
-            cache[name] = load_corpus(name, corpus_dir, min_len, mode)
+        if name not in cache:  # no run uses more than max_num_batches batches of a corpus
+            cache[name] = load_corpus(name, corpus_dir, min_len, mode, max_num_batches * batch_size)
         return batched(cache[name], batch_size)
 
     forget = [get(n) for n in forget_corpora]

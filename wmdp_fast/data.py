@@ -343,7 +343,7 @@ def apply_limit(docs: list, limit: float | None) -> list:
     return docs[:n]
 
 
-def load_task(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> MCQTask:
+def load_task(name: str, data_dir: str | Path | None = None, limit: float | None = None) -> MCQTask:
     """Load and validate one task. `limit` keeps the first N questions, or a fraction of them
     when below 1 (`apply_limit`, as lm-eval's --limit)."""
     check_limit(limit)
@@ -361,7 +361,7 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
 
 
 def load_tasks(
-    names: str | list[str], data_dir: str | Path | None = None, limit: int | None = None
+    names: str | list[str], data_dir: str | Path | None = None, limit: float | None = None
 ) -> tuple[list[MCQTask], dict[str, list[str]]]:
     """Resolve names/groups, load and validate every task (all before any model work)."""
     tasks, groups = resolve_tasks(names)

@@ -245,6 +245,9 @@ def test_layer_and_param_validation(tmp_path, tiny):
         run_rmu(tiny_cfg(tmp_path, model_dir, corpus, param_ids=["mlp.nope"]), progress=False)
     with pytest.raises(ConfigError, match="--param_ids 42 is out of range"):
         run_rmu(tiny_cfg(tmp_path, model_dir, corpus, param_ids=[42]), progress=False)
+    # a GPU-resident cache asked for on a CPU run is refused, not silently kept on the CPU
+    with pytest.raises(ConfigError, match="--cache-device cuda needs a CUDA --device"):
+        run_rmu(tiny_cfg(tmp_path, model_dir, corpus, cache_device="cuda"), progress=False)
 
 
 def test_saved_checkpoint_keeps_original_dtype(tmp_path):

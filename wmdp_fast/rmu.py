@@ -1012,6 +1012,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     resume_state = _load_checkpoint(ckpt, fingerprint) if cfg.resume else None
 
     device = resolve_device(cfg.device)
+    if cfg.cache_device == "cuda" and device.type != "cuda":
+        raise ConfigError(f"--cache-device cuda needs a CUDA --device; this run is on {device}")
     if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":
         log.warning("4/8-bit prefix on %s: bitsandbytes CPU kernels are slow", device)
 

@@ -274,3 +274,34 @@ def test_unlearn_python_api_example_runs_rmu(tmp_path, capsys):
     assert losses[0]["retain_loss"] == 0.0  # the trained layers start at the frozen ones
     assert str(losses[-1]) in capsys.readouterr().out
     assert sorted(result.params) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+
+
+# ------------------------------------------------------------------ truncated replay
+
+
+def test_truncated_replay_example_equals_the_hooked_full_forward(tmp_path):
+    """fused_ops.md's capture + replay block: layer `last`'s output from layers first..last on
+    the captured inputs is bitwise the full model's (a hook on layer `last`), float32 CPU."""
+    from wmdp_fast.testing import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "zephyr-tiny", num_hidden_layers=10)
+    code = _block(FUSED_OPS, "h = replay(layers, batch.hidden, batch.kwargs)")
+    code = _replace(code, '"HuggingFaceH4/zephyr-7b-beta"', repr(str(model_dir)))
+    code = _replace(code, 'dtype="bfloat16", device="cuda"', 'dtype="float32", device="cpu"')
+    code = _replace(code, 'device=torch.device("cuda")', 'device=torch.device("cpu")')
+    code = _replace(code, 'cached[0].to("cuda", torch.bfloat16)', 'cached[0].to("cpu")')
+    ns = _run(code, FUSED_OPS, {})
+    model, tok, texts, h = ns["model"], ns["tok"], ns["texts"], ns["h"]
+    assert len(model.model.layers) == 8  # num_layers=last + 1: layers 0..7 of 10 only
+    seen = {}
+    handle = model.model.layers[7].register_forward_hook(
+        lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            model(**tok(texts, return_tensors="pt", padding=True), use_cache=False)
+    finally:
+        handle.remove()
+    assert h.shape == seen["h"].shape and h.shape[0] == 2
+    assert torch.equal(h, seen["h"])
+    assert not torch.equal(h, ns["batch"].hidden)  # the three layers did something

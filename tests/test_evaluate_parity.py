@@ -149,9 +149,9 @@ def load(path: Path):
 _LM_EVAL_RUNS: dict = {}
 
 
-def run_lm_eval(kit, arch: str, newlines: str, add_bos_token):
+def run_lm_eval(kit, arch: str, newlines: str, add_bos_token, batch_size: int = 8):
     """lm-eval's simple_evaluate on the HFLM wrapping the very same model object."""
-    key = (arch, newlines, add_bos_token)
+    key = (str(kit["root"]), arch, newlines, add_bos_token)
     if key in _LM_EVAL_RUNS:
         return _LM_EVAL_RUNS[key]
     from lm_eval import simple_evaluate
@@ -160,7 +160,7 @@ def run_lm_eval(kit, arch: str, newlines: str, add_bos_token):
 
     model, tok = load(kit[arch])
     kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu", **kwargs)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu", **kwargs)
     task_dir = write_task_dir(kit["root"], kit["files"], newlines)
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(lm, tasks=[f"p_group{len(newlines)}"], task_manager=tm, log_samples=True)
@@ -185,7 +185,17 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,protocol,newlines,bos", CASES)
 def test_parity_with_lm_eval(kit, arch, protocol, newlines, bos):
-    out, lm = run_lm_eval(kit, arch, newlines, bos)
+    ours = check_parity(kit, arch, protocol, newlines, bos)
+    # the random models must make the comparison meaningful: predictions vary
+    preds = {s["pred"] for s in ours["samples"]}
+    assert len(preds) >= 3
+
+
+def check_parity(kit, arch, protocol, newlines, bos, lm_eval_batch_size=8):
+    """Run lm-eval and wmdp_fast on `kit`'s tasks with model `arch` and check that every rendered
+    context, token, log-likelihood (<= TOL), is_greedy, prediction, task acc and stderr and the
+    weighted group agree. Returns our result, with the question encodings under "_encodings"."""
+    out, lm = run_lm_eval(kit, arch, newlines, bos, lm_eval_batch_size)
     model, tok = load(kit[arch])
     ours = evaluate(
         model,
@@ -198,6 +208,7 @@ def test_parity_with_lm_eval(kit, arch, protocol, newlines, bos):
         progress=False,
     )
     proto = get_protocol(protocol)
+    encodings = []
     n_total, n_checked, max_diff = 0, 0, 0.0
     for task in kit["tasks"]:
         theirs = sorted(out["samples"][f"{task.name}{len(newlines)}"], key=lambda s: s["doc_id"])
@@ -211,6 +222,7 @@ def test_parity_with_lm_eval(kit, arch, protocol, newlines, bos):
             (ctx_ids, cont_ids) = encode_pairs(
                 tok, [ctx], continuations(), proto.add_special_tokens(model.config.model_type)
             )[0]
+            encodings.append((ctx_ids, cont_ids))
             for k, cont in enumerate(continuations()):
                 assert lm._encode_pair(ctx, cont) == (ctx_ids, cont_ids[k])
             lls_lm = [r[0][0] for r in s_lm["resps"]]
@@ -233,9 +245,7 @@ def test_parity_with_lm_eval(kit, arch, protocol, newlines, bos):
     g_lm = out["results"][f"p_group{len(newlines)}"]
     assert ours["groups"]["grp"]["acc"] == pytest.approx(g_lm["acc,none"], abs=1e-12)
     assert ours["groups"]["grp"]["acc_stderr"] == pytest.approx(g_lm["acc_stderr,none"], rel=1e-9)
-    # the random models must make the comparison meaningful: predictions vary
-    preds = {s["pred"] for s in ours["samples"]}
-    assert len(preds) >= 3
+    return {**ours, "_encodings": encodings}
 
 
 @pytest.mark.slow

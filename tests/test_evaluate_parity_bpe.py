@@ -23,15 +23,15 @@ pytest.importorskip("mistral_common")
 
 from test_evaluate_parity import (  # noqa: E402
     SUBJECTS,
-    TOL,
     awkward_docs,
+    check_parity,
+    load,
     random_docs,
     write_jsonl,
-    write_task_dir,
 )
 
 from wmdp_fast.data import MCQTask, read_mcq_file  # noqa: E402
-from wmdp_fast.evaluate import build_requests, evaluate  # noqa: E402
+from wmdp_fast.evaluate import build_requests  # noqa: E402
 from wmdp_fast.prompts import continuations, encode_pairs, get_protocol  # noqa: E402
 from wmdp_fast.testing import make_tiny_model, save_tekken_tokenizer  # noqa: E402
 
@@ -76,18 +76,6 @@ def kit(tmp_path_factory):
     save_tekken_tokenizer(llama3, bos=True)
     save_tekken_tokenizer(qwen2, bos=False)
     return {"root": root, "files": files, "tasks": tasks, "llama3": llama3, "qwen2": qwen2}
-
-
-_LOADED: dict = {}
-
-
-def load(path: Path):
-    from wmdp_fast.models import load_model, load_tokenizer
-
-    key = str(path)
-    if key not in _LOADED:
-        _LOADED[key] = (load_model(key, dtype="float32", device="cpu"), load_tokenizer(key))
-    return _LOADED[key]
 
 
 @pytest.mark.slow
@@ -139,29 +127,6 @@ def test_tekken_tokenizer_facts(kit):
     assert pieces == ["<s>", "R", "uns", "ĠĠ", "Ġof", "Ġä¸Ń", "æĸĩ", "ĠðŁ", "§", "¬"]
 
 
-_LM_EVAL_RUNS: dict = {}
-
-
-def run_lm_eval(kit, arch: str, newlines: str, add_bos_token):
-    """lm-eval's simple_evaluate on the HFLM wrapping the very same model object (batch 2: its
-    float32 log-softmax over [batch, length, 131072] is ~0.2 GB per row of 400 tokens)."""
-    key = (arch, newlines, add_bos_token)
-    if key in _LM_EVAL_RUNS:
-        return _LM_EVAL_RUNS[key]
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    model, tok = load(kit[arch])
-    kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu", **kwargs)
-    task_dir = write_task_dir(kit["root"], kit["files"], newlines)
-    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = simple_evaluate(lm, tasks=[f"p_group{len(newlines)}"], task_manager=tm, log_samples=True)
-    _LM_EVAL_RUNS[key] = (out, lm)
-    return out, lm
-
-
 CASES = [
     # (model, protocol, description newlines lm-eval is given, add_bos_token for HFLM)
     ("llama3", "lm-eval-current", "\n\n", None),
@@ -174,56 +139,14 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,protocol,newlines,bos", CASES)
 def test_parity_with_lm_eval_bpe(kit, arch, protocol, newlines, bos):
-    out, lm = run_lm_eval(kit, arch, newlines, bos)
-    model, tok = load(kit[arch])
-    ours = evaluate(
-        model,
-        tok,
-        kit["tasks"],
-        groups={"grp": list(kit["files"])},
-        protocol=protocol,
-        batch_tokens=300,  # several batches with padding
-        log_samples=True,
-        progress=False,
-    )
-    proto = get_protocol(protocol)
-    add_special = proto.add_special_tokens(model.config.model_type)
-    n_total, n_checked, max_diff, max_ctx = 0, 0, 0.0, 0
-    for task in kit["tasks"]:
-        theirs = sorted(out["samples"][f"{task.name}{len(newlines)}"], key=lambda s: s["doc_id"])
-        mine = [s for s in ours["samples"] if s["task"] == task.name]
-        assert len(theirs) == len(mine) == len(task.docs)
-        for s_lm, s_us, doc in zip(theirs, mine, task.docs):
-            ctx = s_lm["arguments"][0][0]
-            assert ctx == proto.context(doc["question"], doc["choices"], task.subject)
-            assert [a[1] for a in s_lm["arguments"]] == continuations()
-            (ctx_ids, cont_ids) = encode_pairs(tok, [ctx], continuations(), add_special)[0]
-            assert cont_ids == [[i] for i in ANSWER_IDS]
-            assert (ctx_ids[0] == 1) == (arch == "llama3" and protocol == "lm-eval-current")
-            max_ctx = max(max_ctx, len(ctx_ids))
-            for k, cont in enumerate(continuations()):
-                assert lm._encode_pair(ctx, cont) == (ctx_ids, cont_ids[k])
-            lls_lm = [r[0][0] for r in s_lm["resps"]]
-            greedy_lm = [r[0][1] for r in s_lm["resps"]]
-            for a, b in zip(lls_lm, s_us["loglikelihoods"]):
-                max_diff = max(max_diff, abs(a - b))
-            assert s_us["is_greedy"] == greedy_lm
-            pred_lm = max(range(4), key=lambda i: (lls_lm[i], -i))
-            assert s_us["pred"] == pred_lm
-            n_checked += 1
-        n_total += len(task.docs)
-        res_lm = out["results"][f"{task.name}{len(newlines)}"]
-        assert ours["results"][task.name]["acc"] == pytest.approx(res_lm["acc,none"], abs=1e-12)
-        assert ours["results"][task.name]["acc_stderr"] == pytest.approx(
-            res_lm["acc_stderr,none"], rel=1e-9
-        )
-        assert ours["results"][task.name]["n"] == len(task.docs)
-    assert max_diff <= TOL, f"max |loglik difference| {max_diff}"
-    assert n_checked == n_total
-    g_lm = out["results"][f"p_group{len(newlines)}"]
-    assert ours["groups"]["grp"]["acc"] == pytest.approx(g_lm["acc,none"], abs=1e-12)
-    assert ours["groups"]["grp"]["acc_stderr"] == pytest.approx(g_lm["acc_stderr,none"], rel=1e-9)
+    # lm-eval at batch 2: its float32 log-softmax over [batch, length, 131072] is ~0.2 GB per
+    # row of 400 tokens
+    ours = check_parity(kit, arch, protocol, newlines, bos, lm_eval_batch_size=2)
+    first_is_bos = arch == "llama3" and protocol == "lm-eval-current"
+    for ctx_ids, cont_ids in ours["_encodings"]:
+        assert cont_ids == [[i] for i in ANSWER_IDS]
+        assert (ctx_ids[0] == 1) == first_is_bos
     # the random models must make the comparison meaningful: predictions vary
     assert len({s["pred"] for s in ours["samples"]}) >= 3
     if arch == "qwen2":  # the long-code question was left-truncated to the model's 160 positions
-        assert max_ctx > MAX_LEN_QWEN
+        assert max(len(c) for c, _ in ours["_encodings"]) > MAX_LEN_QWEN

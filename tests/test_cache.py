@@ -215,3 +215,37 @@ def test_pinned_pool_carves_disjoint_aligned_views():
     # a block of its own
     assert sizes == [4096] * 4 + [32768] * 3 + [20000]
     assert len({v.untyped_storage().data_ptr() for v in views}) == 3
+
+
+@pytest.mark.parametrize("flavour", ["mistral", "tekken"])
+def test_tokenize_batches_is_the_published_per_batch_call(tmp_path, flavour):
+    """One tokenizer call per max_length, padded per batch, gives the very tensors of the
+    published per-batch `tok(texts, return_tensors="pt", padding=True, truncation=True,
+    max_length=...)`: left padding with EOS, truncation on the right, mixed lengths."""
+    import random
+
+    from wmdp_fast.cache import tokenize_batches
+    from wmdp_fast.testing import save_mistral_tokenizer, save_tekken_tokenizer
+
+    if flavour == "mistral":
+        tok = save_mistral_tokenizer(tmp_path)
+    else:
+        pytest.importorskip("mistral_common")
+        tok = save_tekken_tokenizer(tmp_path)
+    tok.pad_token = tok.eos_token
+    tok.padding_side, tok.truncation_side = "left", "right"
+    rng = random.Random(0)
+    words = ["virus", "protein", "  ", "naïve", "中文", "\n", "x", "1234", "🧬"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(23)]
+    batches = [(tuple(docs[i : i + 4]), (64, 128, 96)[i % 3]) for i in range(0, 23, 4)]
+    batches.append((("a single short one",), 64))
+    got = tokenize_batches(tok, batches)
+    assert len(got) == len(batches)
+    for enc, (texts, ml) in zip(got, batches):
+        want = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=ml)
+        assert set(enc) == set(want)
+        for k in want:
+            assert enc[k].dtype == want[k].dtype and torch.equal(enc[k], want[k]), k
+    # the cases are real: some batch is padded on the left, some document truncated
+    assert any((e["attention_mask"][:, 0] == 0).any() for e in got)
+    assert any(e["input_ids"].shape[1] == ml for e, (_, ml) in zip(got, batches))

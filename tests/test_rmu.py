@@ -447,24 +447,29 @@ def test_failed_cache_write_warns_and_trains_on(tmp_path, tiny, monkeypatch, cap
 
 def test_cache_miss_tokenizes_each_batch_once(tmp_path, tiny, monkeypatch):
     """The batches are tokenized once: to size the cache, and the same encodings feed the
-    capture (they were tokenized a second time on a cache miss)."""
+    capture (they were tokenized a second time on a cache miss); and in one tokenizer call per
+    max_length (cache.tokenize_batches: all documents at once, so a Rust tokenizer uses every
+    core), not one per batch."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     model_dir, corpus = tiny
-    calls: dict = {}
+    docs: dict = {}
+    lengths: list = []
     orig = PreTrainedTokenizerBase.__call__
 
     def counting(self, text=None, *a, **kw):
         if kw.get("max_length") in (512, 768):  # the RMU batches (not the fingerprint probe)
-            key = (tuple(text), kw["max_length"])
-            calls[key] = calls.get(key, 0) + 1
+            lengths.append(kw["max_length"])
+            for t in text:
+                docs[(t, kw["max_length"])] = docs.get((t, kw["max_length"]), 0) + 1
         return orig(self, text, *a, **kw)
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
     cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=3)
     run_rmu(cfg, progress=False)
-    assert len(calls) == 3 * 2  # a forget and a retain batch per step (distinct texts here)
-    assert all(n == 1 for n in calls.values()), calls
+    assert lengths == [512]  # one topic: every forget and retain batch is cut at 512
+    assert len(docs) == 3 * 2 * cfg.batch_size  # distinct texts here
+    assert all(n == 1 for n in docs.values()), docs
 
 
 def test_auto_dtype_is_the_checkpoints_on_cuda(tmp_path):

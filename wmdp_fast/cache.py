@@ -299,6 +299,32 @@ def store(x, storage: torch.device, pin: bool, pool: PinnedPool | None = None):
 
 
 @torch.no_grad()
+def tokenize_batches(tokenizer, batches: Sequence[tuple[Sequence[str], int]]) -> list:
+    """Each (texts, max_length) batch tokenized exactly as
+    ``tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=...)``
+    (the published script's call: padded to the batch's longest, on the tokenizer's
+    padding side), but with one tokenizer call per max_length over all the documents, then
+    padded per batch: a Rust tokenizer encodes a list on all cores, and a batch of 4 long
+    papers keeps at most 4 busy (2 cores here: 0.32 s vs 0.37 s for 120 documents)."""
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):  # transformers 4.x: pad() on a fast tokenizer says "use __call__"
+        warned["Asking-to-pad-a-fast-tokenizer"] = True
+    by_length: dict[int, list[int]] = {}
+    for i, (_, max_length) in enumerate(batches):
+        by_length.setdefault(max_length, []).append(i)
+    out: list = [None] * len(batches)
+    for max_length, ids in by_length.items():
+        flat = [t for i in ids for t in batches[i][0]]
+        enc = tokenizer(flat, truncation=True, max_length=max_length)
+        pos = 0
+        for i in ids:
+            n = len(batches[i][0])
+            part = {k: v[pos : pos + n] for k, v in enc.items()}
+            out[i] = tokenizer.pad(part, padding=True, return_tensors="pt")
+            pos += n
+    return out
+
+
 def capture_layer_inputs(
     model,
     tokenizer,
@@ -317,9 +343,9 @@ def capture_layer_inputs(
     With `prefix_layers_on_cpu` (--offload) the capture stops at layer 0, and layers
     0..layer-1 are then streamed through `device` one at a time over all batches.
     Returns one CachedBatch per input batch, stored on `storage` (pinned when CPU and CUDA
-    is in use). `encodings`, when given, holds each batch already tokenized (the tokenizer's
-    output with return_tensors="pt", padding, truncation at the batch's max_length), so that
-    a caller who tokenized to size the cache does not tokenize twice.
+    is in use). `encodings`, when given, holds each batch already tokenized (e.g.
+    `tokenize_batches(tokenizer, batches)`, the same tensors in fewer tokenizer calls), so
+    that a caller who tokenized to size the cache does not tokenize twice.
     """
     from tqdm.auto import tqdm
 
@@ -354,30 +380,22 @@ def capture_layer_inputs(
             scale=store(scale, storage, pin, h_pool) if scale is not None else None,
         )
 
-    if encodings is not None and len(encodings) != len(batches):
+    if encodings is None:  # per batch: any callable with the tokenizer's signature will do
+        encodings = [
+            tokenizer(
+                list(texts), return_tensors="pt", padding=True, truncation=True, max_length=ml
+            )
+            for texts, ml in batches
+        ]
+    if len(encodings) != len(batches):
         raise CacheError(f"{len(encodings)} encodings given for {len(batches)} batches")
     out: list[CachedBatch] = []
     handle = layers[stop_at].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for i, (texts, max_length) in enumerate(
-            tqdm(
-                batches,
-                desc=f"caching inputs of layer {layer}",
-                disable=not progress,
-                unit="batch",
-            )
+        for encoded in tqdm(
+            encodings, desc=f"caching inputs of layer {layer}", disable=not progress, unit="batch"
         ):
-            if encodings is not None:
-                enc = encodings[i]
-            else:
-                enc = tokenizer(
-                    list(texts),
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                )
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = {k: v.to(device) for k, v in encoded.items()}
             captured.clear()
             try:
                 model(**enc, use_cache=False)

@@ -1080,10 +1080,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
 
     # cache size; tokenized once: the shapes size the cache, and a cache miss feeds these
     # encodings to the model
-    encodings = [
-        tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=ml)
-        for texts, ml in entries
-    ]
+    encodings = cache_mod.tokenize_batches(tok, entries)
     lengths = [tuple(enc["input_ids"].shape) for enc in encodings]
     esize = 1 if cfg.cache_format == "int8" else torch.tensor([], dtype=dtype).element_size()
     cache_bytes = sum(b * t * D * esize for b, t in lengths)

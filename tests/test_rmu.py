@@ -667,3 +667,77 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-9)
     monkeypatch.delenv("WMDP_FAST_FUSED_ADAMW")
     assert not PublishedAdamW(eager, lr=1e-3).fused  # off by default (not yet run on a GPU)
+
+
+def test_resume_continues_the_random_stream_of_dropout(tmp_path):
+    """With dropout in the replayed layers, every step draws from the generator: a resumed
+    run must go on with the generator's state after the checkpointed step (it restarted from
+    the seeding of the control vectors, and the weights and losses after step 1 differed)."""
+    model_dir = make_tiny_model(
+        tmp_path / "model", arch="mistral", num_hidden_layers=3, attention_dropout=0.5
+    )
+    corpus = write_corpora(tmp_path / "corpora")
+    full = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, max_num_batches=3), progress=False)
+    assert "dropout" in full.report["first_layer_cache"]["reason"]
+    cfg = tiny_cfg(tmp_path / "b", model_dir, corpus, max_num_batches=3)
+    with pytest.raises(TrainingError, match="interrupted after 1 of 3"):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    cfg.resume = True
+    resumed = run_rmu(cfg, progress=False)
+    assert resumed.report["resumed_from_step"] == 1
+    assert resumed.report["losses"] == full.report["losses"]
+    for name, t in full.params.items():
+        assert torch.equal(resumed.params[name], t), name
+
+
+@pytest.mark.parametrize("output_dir", [".", "..", "./"])
+def test_output_dir_cannot_be_the_working_directory(tmp_path, tiny, monkeypatch, output_dir):
+    """The output is renamed into place as a whole: '.' failed with an OSError traceback after
+    the whole training (nothing saved), '..' with --overwrite would replace the folder the run
+    works in. Both are refused before any work, naming the flag."""
+    model_dir, corpus = tiny
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=2, output_dir=output_dir)
+    cfg.overwrite = True
+    with pytest.raises(ConfigError, match="--output_dir .* current directory"):
+        run_rmu(cfg, progress=False)
+    assert list(work.parent.iterdir()) == [work] and not list(work.iterdir())
+
+
+def test_ctrl_c_while_saving_the_model_keeps_the_finished_steps(tmp_path, tiny, monkeypatch):
+    """Ctrl-C while the model is being written (a 14.5 GB shard for Zephyr-7B) lost every
+    step ('interrupted', no checkpoint). Now it writes the checkpoint of the finished training,
+    and --resume only saves: the same weights and losses as an uninterrupted run."""
+    import wmdp_fast.models as models
+
+    model_dir, corpus = tiny
+    full = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, max_num_batches=3), progress=False)
+    orig = models.save_updated_checkpoint
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "save_updated_checkpoint", interrupted)
+    cfg = tiny_cfg(tmp_path / "b", model_dir, corpus, max_num_batches=3)
+    try:
+        run_rmu(cfg, progress=False)
+    except KeyboardInterrupt:  # caught here: escaping, it would end the pytest session
+        pytest.fail("the Ctrl-C while saving escaped, without a checkpoint")
+    except TrainingError as exc:
+        assert "while saving" in str(exc) and "--resume" in str(exc)
+    else:
+        pytest.fail("the interrupted save raised nothing")
+    out = Path(cfg.output_dir)
+    assert [p.name for p in out.parent.iterdir()] == [".out.rmu-checkpoint"]
+    state = json.loads((out.parent / ".out.rmu-checkpoint" / "state.json").read_text())
+    assert state["steps_done"] == 3
+    monkeypatch.setattr(models, "save_updated_checkpoint", orig)
+    cfg.resume = True
+    resumed = run_rmu(cfg, progress=False)
+    assert resumed.report["resumed_from_step"] == 3
+    assert resumed.report["losses"] == full.report["losses"]
+    for name, t in full.params.items():
+        assert torch.equal(resumed.params[name], t), name
+    assert torch.equal(load_file(str(out / "model.safetensors"))[name], t)

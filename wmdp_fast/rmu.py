@@ -838,6 +838,11 @@ class _Trainer:
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
             for g in sd["param_groups"]
         ]
+        # the generators' states: dropout in the replayed layers draws from them every step,
+        # so a resumed run must continue their sequence, not restart it after the seeding
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         return tensors, {"param_groups": groups, "n_params": len(self.params)}
 
     def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -857,6 +862,10 @@ class _Trainer:
             if isinstance(g.get("betas"), list):
                 g["betas"] = tuple(g["betas"])
         self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
+        if "rng.cpu" in tensors:  # absent from checkpoints of older versions
+            torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
 
 # --------------------------------------------------------------------------- the run
@@ -875,7 +884,16 @@ def _resolve_output_dir(cfg: RMUConfig) -> Path:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output directory unless `overwrite`."""
+    """Refuse an existing non-empty output directory unless `overwrite`, and the current
+    directory or one above it (the output is renamed into place as a whole, which fails for
+    '.' only after training, and would replace the directory the run works in)."""
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ConfigError(
+            f"--output_dir {out} is the current directory or one above it; the output directory "
+            "is written beside its target and renamed into place, so name a new directory "
+            "(e.g. --output_dir models/zephyr_rmu)"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -1502,8 +1520,14 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             )
         atomic_write_text(tmp / "rmu_report.json", json.dumps(report, indent=1, default=str))
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while saving: keep the finished steps
+            save(num_batches, periodic=False)
+            raise TrainingError(
+                f"interrupted while saving the model; checkpoint of all {num_batches} steps "
+                f"saved to {ckpt}: rerun {rerun} to save the model"
+            ) from None
         raise
     timings["save_s"] = time.perf_counter() - t0
     shutil.rmtree(ckpt, ignore_errors=True)

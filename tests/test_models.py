@@ -368,8 +368,8 @@ def test_mistral_tokenizer_without_mistral_common(tmp_path, monkeypatch):
 def test_rewritten_shard_is_the_original_with_only_those_bytes_changed(tmp_path):
     """The shard holding a trained tensor is a copy of the original, header and layout
     untouched, with only that tensor's bytes rewritten (cast to the stored dtype); the source
-    file (perhaps hard-linked into other outputs) is not modified; a symlinked shard (a hub
-    snapshot) is copied, not followed into the blob; a broken file is a clear ModelError."""
+    file is not modified; a symlinked shard (a hub snapshot) is copied, not followed into the
+    blob; a broken file is a clear ModelError."""
     src = tmp_path / "src"
     src.mkdir()
     gen = torch.Generator().manual_seed(0)
@@ -437,29 +437,92 @@ def test_a_header_that_is_not_an_object_is_a_model_error(tmp_path):
         _read_safetensors_header(f)
 
 
-def test_untouched_shard_is_copied_where_it_cannot_be_hard_linked(tmp_path, monkeypatch):
-    """Hard links fail across file systems (a hub cache on another mount): the untouched shard
-    is then copied, same bytes and mode."""
-    import os
-
-    src = tmp_path / "src"
+def _sharded(src, extra=()):
+    """A two-shard checkpoint in `src`; `extra` names more files to write (other layouts)."""
     src.mkdir()
-    save_file({"x.a": torch.randn(3, 4)}, str(src / "model-00001-of-00002.safetensors"))
-    save_file({"y.b": torch.randn(5)}, str(src / "model-00002-of-00002.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    save_file(
+        {"x.a": torch.randn(3, 4, generator=gen)}, str(src / "model-00001-of-00002.safetensors")
+    )
+    save_file({"y.b": torch.randn(5, generator=gen)}, str(src / "model-00002-of-00002.safetensors"))
     wmap = {"x.a": "model-00001-of-00002.safetensors", "y.b": "model-00002-of-00002.safetensors"}
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
-    os.chmod(src / "model-00002-of-00002.safetensors", 0o640)
+    (src / "config.json").write_text("{}")
+    for name in extra:  # the whole model again, as another file
+        save_file({"x.a": torch.randn(3, 4, generator=gen), "y.b": torch.randn(5)}, str(src / name))
+    return src
 
-    def no_link(*a, **kw):
-        raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(os, "link", no_link)
+def test_untouched_files_are_copies_not_links_into_the_original(tmp_path):
+    """The output shares no file with the original (a hub snapshot's symlinks included): what
+    rewrites a file of the output in place must not rewrite the original. safetensors < 0.8's
+    save_file (so save_pretrained over the output) truncates and rewrites a shard in place, and
+    transformers' save_pretrained writes the index with open('w'); through a hard link that
+    rewrote the original checkpoint, or the hub cache's blob. Bytes and mode are the original's."""
+    import os
+
+    snap = _sharded(tmp_path / "blobs")  # the hub cache: snapshot files are symlinks to blobs
+    os.chmod(snap / "model-00002-of-00002.safetensors", 0o640)
+    src = tmp_path / "snapshot"
+    src.mkdir()
+    for f in snap.iterdir():
+        (src / f.name).symlink_to(f)
+    before = {f.name: f.read_bytes() for f in snap.iterdir()}
     out = tmp_path / "out"
     save_updated_checkpoint(src, out, {"x.a": torch.zeros(3, 4)})
-    copied, orig = (
-        out / "model-00002-of-00002.safetensors",
-        src / "model-00002-of-00002.safetensors",
-    )
-    assert copied.read_bytes() == orig.read_bytes()
-    assert copied.stat().st_ino != orig.stat().st_ino
-    assert copied.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    for name in ("model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        assert (out / name).read_bytes() == before[name] and not (out / name).is_symlink()
+        assert (out / name).stat().st_ino != (snap / name).stat().st_ino
+        with open(out / name, "wb") as fh:  # an in-place rewrite of the output's file
+            fh.write(b"rewritten")
+    assert (out / "model-00002-of-00002.safetensors").stat().st_mode & 0o777 == 0o640
+    assert {f.name: f.read_bytes() for f in snap.iterdir()} == before
+
+
+def test_refuses_an_output_folder_that_is_not_empty(tmp_path):
+    """Writing into a folder that holds the original's files (out_dir == src_dir, or an earlier
+    output whose untouched shards are hard links to the original) emptied the original's
+    shards: the copy opened its destination, the original itself, with 'wb'."""
+    import os
+
+    src = _sharded(tmp_path / "src")
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    old = tmp_path / "old"  # an output of an earlier wmdp_fast: untouched files hard-linked
+    old.mkdir()
+    for name in ("model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        os.link(src / name, old / name)
+    for out in (old, src):
+        with pytest.raises(ModelError, match="not empty"):
+            save_updated_checkpoint(src, out, {"x.a": torch.zeros(3, 4)})
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    save_updated_checkpoint(src, tmp_path / "empty", {"x.a": torch.zeros(3, 4)})  # exists, empty
+
+
+def test_weights_transformers_does_not_load_are_not_copied(tmp_path):
+    """Only the files from_pretrained loads are written: a consolidated.safetensors (Mistral's
+    own layout, shipped beside the shards by Mistral-7B-v0.3 and Nemo) would hand the ORIGINAL
+    weights to a loader that reads it. With both a model.safetensors and an index, transformers
+    loads model.safetensors: that is the file to patch (patching the shards left the output
+    loading the old tensor)."""
+    from safetensors import safe_open
+
+    src = _sharded(tmp_path / "a", extra=["consolidated.safetensors"])
+    out = tmp_path / "out_a"
+    assert save_updated_checkpoint(src, out, {"x.a": torch.zeros(3, 4)}) == [
+        "model-00001-of-00002.safetensors"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    both = _sharded(tmp_path / "b", extra=["model.safetensors"])
+    out = tmp_path / "out_b"
+    assert save_updated_checkpoint(both, out, {"x.a": torch.zeros(3, 4)}) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert torch.equal(fh.get_tensor("x.a"), torch.zeros(3, 4))
+        with safe_open(str(both / "model.safetensors"), "pt") as orig:
+            assert torch.equal(fh.get_tensor("y.b"), orig.get_tensor("y.b"))

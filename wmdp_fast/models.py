@@ -476,29 +476,32 @@ def _to_checkpoint_keys(model, tensors: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _weight_map(src: Path) -> dict[str, str]:
+    """Checkpoint key -> file, for the files transformers loads: model.safetensors when there is
+    one (from_pretrained prefers it to an index beside it), else the index's shards."""
+    single = src / "model.safetensors"
+    if single.is_file():
+        header, _ = _read_safetensors_header(single)
+        return {k: "model.safetensors" for k in header if k != "__metadata__"}
     index = src / "model.safetensors.index.json"
     if index.is_file():
         import json
 
         return json.loads(index.read_text())["weight_map"]
-    single = src / "model.safetensors"
-    if single.is_file():
-        header, _ = _read_safetensors_header(single)
-        return {k: "model.safetensors" for k in header if k != "__metadata__"}
     raise ModelError(
         f"{src} holds no model.safetensors(.index.json): only safetensors checkpoints can be "
         "saved with replaced tensors; convert it with save_pretrained(safe_serialization=True)"
     )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _copy_untouched(src: Path, dst: Path) -> None:
+    """A copy of `src` (same bytes, mode and times), never a hard link: whatever rewrites a
+    file of the output in place (safetensors < 0.8's save_file, transformers' index writer,
+    torch.save, cp) would otherwise rewrite the original checkpoint, or the hub cache's blob,
+    too. Where the file system has reflinks the copy shares the blocks, copy-on-write."""
     import shutil
 
-    try:
-        os.link(src.resolve(), dst)  # safetensors files are never modified in place
-    except OSError:  # e.g. another file system: the kernel copy the trained shards use
-        _copy_file(src, dst)
-        shutil.copystat(src, dst)
+    _copy_file(src, dst)
+    shutil.copystat(src, dst)
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -595,9 +598,12 @@ def save_updated_checkpoint(
     src_dir: str | Path, out_dir: str | Path, updated: dict[str, torch.Tensor], model=None
 ) -> list[str]:
     """Write the checkpoint in `src_dir` to `out_dir` with only the tensors in `updated`
-    (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards are
-    hard-linked (or copied), config and tokenizer files copied, other weight formats skipped.
-    `out_dir` is created if needed (the caller renames it into place). Returns the rewritten shards.
+    (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards, config and
+    tokenizer files are copied (reflinks where the file system has them; never hard links);
+    weights transformers does not load (other formats, consolidated.safetensors, a layout
+    beside the one loaded) are skipped: they would hold the old values. `out_dir` must be new
+    or empty; it is created if needed (the caller renames it into place). Returns the
+    rewritten shards.
 
     `model` (the model the tensors came from, loaded by from_pretrained): parameter names that
     the checkpoint does not hold are mapped back to its keys with transformers' own reverse
@@ -619,7 +625,17 @@ def save_updated_checkpoint(
             f"the updated tensors {missing} are not in the checkpoint {src} (its keys look like "
             f"{next(iter(wmap))!r}); the model's parameter names differ from the stored ones"
         )
+    if out.is_dir() and any(out.iterdir()):
+        # its files may be the source's own (out_dir == src_dir), or hard links to them (an
+        # earlier wmdp_fast hard-linked untouched shards): writing over them rewrites the original
+        raise ModelError(
+            f"{out} is not empty: save_updated_checkpoint writes a new folder; pass a new or "
+            "empty one (and rename it into place)"
+        )
     shards = {wmap[k] for k in updated}
+    loaded = set(wmap.values())
+    if "model.safetensors" not in loaded:
+        loaded.add("model.safetensors.index.json")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name.startswith("."):
@@ -627,10 +643,12 @@ def save_updated_checkpoint(
         if f.name in shards:
             _patch_shard(f, out / f.name, {k: v for k, v in updated.items() if wmap[k] == f.name})
             set_new_file_mode(out / f.name)
-        elif f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
-            _link_or_copy(f, out / f.name)
-        elif f.name.endswith(_FOREIGN_WEIGHT_SUFFIXES) or f.name.endswith(".bin.index.json"):
-            log.info("not copying %s (weights in another format would hold the old values)", f.name)
+        elif f.name in loaded:
+            _copy_untouched(f, out / f.name)
+        elif f.name.endswith((".safetensors", ".index.json", *_FOREIGN_WEIGHT_SUFFIXES)):
+            log.info(
+                "not copying %s (weights transformers does not load hold the old values)", f.name
+            )
         else:
             shutil.copy2(f, out / f.name)
     return sorted(shards)

@@ -171,6 +171,23 @@ def test_int8_cache_is_close_and_keyed_separately(tmp_path, tiny):
     assert not torch.equal(l_int8, l_exact)
 
 
+@pytest.mark.parametrize("bad", [b"\xff\xfe not UTF-8", b"[]", b"null"], ids=str)
+def test_corrupted_metadata_is_rebuilt_not_a_crash(tmp_path, bad, caplog):
+    """A meta.json that is not UTF-8 or not a JSON object is a cache to rebuild, like bad JSON;
+    it raised UnicodeDecodeError / AttributeError out of the run. The good one loads."""
+    from wmdp_fast.cache import ActivationCache, CachedBatch, load_cache, save_cache
+
+    fp, cpu = "cd" * 32, torch.device("cpu")
+    hidden = torch.randn(1, 2, 4)
+    entry = CachedBatch(hidden, torch.ones(1, 2, dtype=torch.long), {"use_cache": False})
+    root = save_cache(ActivationCache([entry], [0], [0], fp), tmp_path, {})
+    assert torch.equal(load_cache(tmp_path, fp, cpu).entries[0].hidden, hidden)
+    (root / "meta.json").write_bytes(bad)
+    with caplog.at_level(logging.WARNING, logger="wmdp_fast"):
+        assert load_cache(tmp_path, fp, cpu) is None
+    assert "unreadable metadata" in caplog.text
+
+
 def test_prefix_fingerprint_covers_tied_embeddings():
     """With tie_word_embeddings (Qwen2-0.5B, Gemma) lm_head.weight IS the embedding matrix:
     skipping lm_head must not drop the embeddings from the cache key."""

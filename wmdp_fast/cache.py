@@ -510,8 +510,10 @@ def load_cache(
     if not meta_file.is_file():
         return None
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         log.warning("activation cache %s: unreadable metadata (%s); rebuilding", meta_file, exc)
         return None
     if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:

@@ -220,6 +220,40 @@ def test_ctrl_c_prints_interrupted_exits_130_writes_nothing(setup, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_is_handled_as_ctrl_c(setup, tmp_path, monkeypatch, capsys):
+    """kill / timeout / a Slurm time limit send SIGTERM, whose default action ends Python
+    without running `finally` (temporary files left behind): the CLI treats it as Ctrl-C."""
+    import os
+    import signal
+
+    import wmdp_fast.evaluate
+
+    _, model, data = setup
+
+    class NotHandled(Exception):
+        pass
+
+    def guard(signum, frame):  # what runs if the CLI does not handle SIGTERM itself
+        raise NotHandled
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(wmdp_fast.evaluate, "evaluate", killed)
+    out = tmp_path / "r.json"
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        rc = main(["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+                   "--device", "cpu", "--no-progress", "--output", str(out)])  # fmt: skip
+        assert signal.getsignal(signal.SIGTERM) is guard  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_no_progress_hides_the_transformers_loading_bar(setup, capfd):
     _, model, data = setup
     argv = ["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),

@@ -406,6 +406,51 @@ def test_cache_key_does_not_depend_on_layer_id(tmp_path, tiny):
     assert not a.report["cache"]["hit"] and b.report["cache"]["hit"]
 
 
+def test_unlearning_an_earlier_output_does_not_ship_its_accuracy_plot(tmp_path, tiny):
+    """A source folder that is an earlier run's output holds accuracy.png (from --eval); a new
+    run without --eval must not present that old plot as its own."""
+    import shutil
+
+    model_dir, corpus = tiny
+    src = tmp_path / "earlier_output"
+    shutil.copytree(model_dir, src)
+    (src / "accuracy.png").write_bytes(b"an earlier run's plot")
+    res = run_rmu(tiny_cfg(tmp_path, src, corpus, max_num_batches=1), progress=False)
+    assert not (res.output_dir / "accuracy.png").exists()
+    assert (res.output_dir / "losses.png").is_file()
+
+
+def test_sigterm_in_training_is_a_ctrl_c_and_leaves_a_checkpoint(tmp_path, tiny):
+    """kill / a Slurm time limit (SIGTERM) mid-run: the step finishes and a checkpoint is
+    written, as for Ctrl-C (SIGTERM's default action ends Python without one, and without
+    removing temporary files)."""
+    import os
+    import signal
+
+    class NotHandled(Exception):
+        pass
+
+    def guard(signum, frame):  # what runs if run_rmu does not handle SIGTERM itself
+        raise NotHandled
+
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4)
+
+    def kill(step, row):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(TrainingError, match="interrupted after 2 of 4"):
+            run_rmu(cfg, progress=False, step_callback=kill)
+        assert signal.getsignal(signal.SIGTERM) is guard  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state = Path(cfg.output_dir).parent / ".out.rmu-checkpoint" / "state.json"
+    assert json.loads(state.read_text())["steps_done"] == 2
+
+
 def test_ctrl_c_during_a_periodic_checkpoint_writes_it_once(tmp_path, tiny, monkeypatch):
     import os
     import signal

@@ -42,7 +42,17 @@ class ResourceError(WmdpFastError):
 def run_cli(body: Callable[[], int], debug: bool = False) -> int:
     """Run a CLI's work and return its exit status: a WmdpFastError prints `error: <message>`
     and gives 1, Ctrl-C prints `interrupted` and gives 130 (outputs are written atomically, so
-    nothing half-written is left behind); with `debug` both re-raise, traceback and all."""
+    nothing half-written is left behind); with `debug` both re-raise, traceback and all.
+
+    SIGTERM (`kill`, `timeout`, a Slurm time limit) is handled as Ctrl-C: by default it ends
+    Python without running `finally` blocks, which would leave temporary files and folders
+    behind (and, in training, no checkpoint)."""
+    import signal
+    import threading
+
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return body()
     except WmdpFastError as exc:
@@ -55,3 +65,6 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)

@@ -1382,9 +1382,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             for row in losses[-len(items) :]:
                 step_callback(row["step"], row)
 
-    # Ctrl-C is deferred to the end of the current step so that the checkpoint written on
-    # interruption holds a consistent state (a second Ctrl-C aborts at once, without one).
-    # While a checkpoint is being written, Ctrl-C waits for it to finish.
+    # Ctrl-C (or SIGTERM) is deferred to the end of the current step so that the checkpoint
+    # written on interruption holds a consistent state (a second one aborts at once, without a
+    # checkpoint). While a checkpoint is being written, Ctrl-C waits for it to finish.
     interrupt = {"requested": False, "saving": False}
 
     def on_sigint(signum, frame):
@@ -1418,9 +1418,11 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             interrupt["saving"] = False
         saved["step"] = step
 
-    old_handler = None
+    old_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+        # SIGTERM (kill, a Slurm time limit) as Ctrl-C: finish the step, write a checkpoint
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, on_sigint)
     bar = tqdm(total=num_batches, initial=start, desc="RMU", disable=not progress, unit="step")
     done = start
     try:
@@ -1452,8 +1454,8 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         ) from None
     finally:
         bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["train_s"] = time.perf_counter() - t0
@@ -1519,6 +1521,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
                 losses, tmp / "losses.png", title=f"RMU on {Path(cfg.model_name_or_path).name}"
             )
         atomic_write_text(tmp / "rmu_report.json", json.dumps(report, indent=1, default=str))
+        # a source that is an earlier run's output brought its accuracy plot along; this run's
+        # is written after the evaluation below, if there is one
+        (tmp / "accuracy.png").unlink(missing_ok=True)
         _move_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -273,10 +273,12 @@ def _exit_on_sigterm(signum, frame):
 
 
 def end_to_end(arch, cfg, args, device, dtype):
-    """run_rmu from a checkpoint on disk vs the published script's load x2 + loop + save. The
-    ~35 GB written under --workdir (the checkpoint, two run_rmu outputs, the published save)
-    are removed afterwards, also when the run fails or is stopped by SIGTERM (`timeout`):
-    a rerun on the same machine would otherwise find the disk full."""
+    """run_rmu from a checkpoint on disk vs the published script's load x2 + loop + save. What
+    it writes under --workdir (for Zephyr-7B: the 14.5 GB checkpoint, and one 14.5 GB output
+    at a time: each run_rmu output, a full copy since untouched shards are no longer
+    hard-linked, is deleted once timed, before the next) is removed afterwards, also when the
+    run fails or is stopped by SIGTERM (`timeout`): a rerun on the same machine would
+    otherwise find the disk full (the GPU machine has 64 GB)."""
     root = Path(tempfile.mkdtemp(prefix="bench_rmu_", dir=args.workdir))
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -332,6 +334,7 @@ def _end_to_end(root: Path, arch, cfg, args, device, dtype):
     t0 = time.perf_counter()
     res = run_rmu(rcfg, progress=False)
     ours = time.perf_counter() - t0
+    shutil.rmtree(root / "out")  # 14.5 GB: keep one output on disk at a time
     ab = None
     if args.e2e_ab:  # the same run without the layer-first cache (its pinned copy costs time)
         gc.collect()
@@ -343,6 +346,7 @@ def _end_to_end(root: Path, arch, cfg, args, device, dtype):
         t0 = time.perf_counter()
         res_off = run_rmu(rcfg_off, progress=False)
         ab = (time.perf_counter() - t0, res_off.report["timings"])
+        shutil.rmtree(root / "out_off")
         same = all(torch.equal(res_off.params[k], v) for k, v in res.params.items())
         ab = (*ab, same)
     # the published script: two copies, the loop (timed per step above; scaled here), save.

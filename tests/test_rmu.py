@@ -106,6 +106,17 @@ def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path, tiny):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_non_finite_weights_after_the_last_update_save_nothing(tmp_path, tiny):
+    """The loss check sees each update only through the next step's loss: the last update's
+    result is checked before saving (an lr of 1e39 overflows float32 in one step)."""
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, lr=1e39, max_num_batches=1)
+    with pytest.raises(TrainingError, match=r"last update \(step 0\) made .*down_proj"):
+        run_rmu(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
 def test_output_dir_refused_without_overwrite(tmp_path, tiny):
     model_dir, corpus = tiny
     out = tmp_path / "out"

@@ -1465,6 +1465,14 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     # save: the ORIGINAL checkpoint with only the trained tensors replaced
     t0 = time.perf_counter()
     trained = {n: p.detach().to("cpu").clone() for n, p in trainer.named}
+    # the loss check sees every update but the last one's result
+    bad = [n for n, t in trained.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingError(
+            f"the last update (step {num_batches - 1}) made {', '.join(bad)} NaN or inf; no "
+            "model was saved. Lower --lr or --alpha/--steering_coeffs, or use "
+            "--optimizer-dtype float32"
+        )
     tmp = make_temp_dir(out)
     try:
         save_updated_checkpoint(src_dir, tmp, trained, model=model)

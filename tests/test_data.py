@@ -202,3 +202,38 @@ def test_bad_limits():
     for bad in (0, -1, 0.0, "3", True, float("nan")):
         with pytest.raises(ConfigError, match="--limit must be"):
             apply_limit([GOOD], bad)
+
+
+def test_bom_and_single_object_files_read_as_lm_evals_json_loader(tmp_path):
+    """A UTF-8 BOM at the start (Windows editors, PowerShell) and a .json holding ONE question
+    object (`Dataset.to_json` of a one-row set) are read by lm-eval's loader (`datasets`'
+    json builder strips a leading BOM; a lone object is one row); they were refused here
+    ("Unexpected UTF-8 BOM", "must hold an array")."""
+    rows = [GOOD, {"question": "Q2", "choices": ["w", "x", "y", "z"], "answer": 0}]
+    lines = "".join(json.dumps(r) + "\r\n" for r in rows) + "\r\n"
+    files = {
+        "bom.jsonl": ("\ufeff" + lines, rows),
+        "bom_lines.json": ("\ufeff" + lines, rows),
+        "bom_array.json": ("\ufeff" + json.dumps(rows, indent=1), rows),
+        "one.json": (json.dumps(rows[1]) + "\n", rows[1:]),
+    }
+    for name, (text, want) in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        assert read_mcq_file(tmp_path / name) == want, name
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    for name, (_, want) in files.items():
+        theirs = datasets.load_dataset(
+            "json", data_files=str(tmp_path / name), split="train", cache_dir=str(tmp_path / "c")
+        )
+        assert [dict(r) for r in theirs] == want, name
+    # a dict of columns is ONE row of lists to that loader, never the questions: still refused
+    (tmp_path / "cols.json").write_text(json.dumps({k: [r[k] for r in rows] for k in GOOD}))
+    with pytest.raises(DataError, match="array of question objects.*columns"):
+        read_mcq_file(tmp_path / "cols.json")
+
+
+def test_infinite_limit_is_a_config_error():
+    """limit=inf passed the check, then int(inf) raised OverflowError in apply_limit."""
+    with pytest.raises(ConfigError, match="--limit must be"):
+        apply_limit([GOOD], float("inf"))

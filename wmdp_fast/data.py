@@ -238,7 +238,8 @@ def _jsonl_rows(path: Path) -> list[tuple[object, str]]:
     """(parsed object, "file: row R (line L)") per non-blank line of a JSON Lines file."""
     rows: list[tuple[object, str]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a leading BOM is dropped, as lm-eval's loader (`datasets`' json builder) does
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -263,7 +264,7 @@ def read_mcq_file(path: str | Path) -> list[dict]:
         rows = _jsonl_rows(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as exc:
             raise not_utf8_error(path, exc) from exc
         except json.JSONDecodeError as exc:
@@ -273,8 +274,14 @@ def read_mcq_file(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from exc
             rows = _jsonl_rows(path)
         else:
+            if isinstance(data, dict) and isinstance(data.get("question"), str):
+                data = [data]  # one question object: one row to `datasets`' json loader too
             if not isinstance(data, list):
-                raise DataError(f"{path}: a .json task file must hold an array of question objects")
+                raise DataError(
+                    f"{path}: a .json task file must hold an array of question objects or JSON "
+                    "Lines (a JSON object of columns is not read as rows; write records, e.g. "
+                    "df.to_json(path, orient='records', lines=True))"
+                )
             rows = [(r, f"{path}: row {i}") for i, r in enumerate(data)]
     elif suffix == ".parquet":
         try:
@@ -329,7 +336,7 @@ def check_limit(limit: float | None) -> None:
     """`limit` must be None, a count >= 1 or a fraction in (0, 1) (lm-eval's --limit)."""
     if limit is None:
         return
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0:
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not 0 < limit < math.inf:
         raise ConfigError(f"--limit must be a count >= 1 or a fraction in (0, 1), got {limit!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -264,3 +265,61 @@ def test_no_progress_hides_the_transformers_loading_bar(setup, capfd):
     assert main([*argv, "--no-progress"]) == 0
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Scoring" not in err
+
+
+def test_bad_output_paths_fail_before_the_model_loads(setup, tmp_path, monkeypatch, capsys):
+    """An output folder where no file can be created (read-only mount, no permission: here
+    /proc, which refuses new files even to root) was found only at the end, as an OSError
+    traceback after the whole evaluation; --output and --log-samples naming the same file
+    let the results silently replace the samples. Both are one error line before loading."""
+    import wmdp_fast.models
+
+    _, model, data = setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(wmdp_fast.models, "load_model", no_model)
+    base = ["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data), "--device",
+            "cpu", "--no-progress"]  # fmt: skip
+    same = str(tmp_path / "r.json")
+    cases = [(["--output", same, "--log-samples", same], "--log-samples", "same file")]
+    if os.path.isdir("/proc") and sys.platform.startswith("linux"):
+        for flag in ("--output", "--log-samples"):
+            cases.append(([flag, "/proc/wmdp_fast_r.json"], flag, "cannot write"))
+    for extra, flag, msg in cases:
+        rc = main(base + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and "Traceback" not in "\n".join(err), err
+        assert err[-1].startswith(f"error: {flag} ") and msg in err[-1], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_replaces_neither_file(setup, tmp_path, monkeypatch, capsys):
+    """The samples file used to be renamed into place before the results were written: a
+    failure writing the results (disk full) left the new samples beside an OLD results file
+    from an earlier run (and an OSError traceback). Now both are written before either is
+    renamed, and the failure is one error line."""
+    import errno
+    import pathlib
+
+    _, model, data = setup
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    out.write_text("old results\n")
+    samples.write_text("old samples\n")
+    real_write_text = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name.startswith(".r.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    rc = main(["--model", str(model), "--tasks", "wmdp_bio", "--data-dir", str(data),
+               "--device", "cpu", "--no-progress", "--output", str(out),
+               "--log-samples", str(samples)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"error: --output {out}: cannot write") and "No space" in err[-1]
+    assert out.read_text() == "old results\n" and samples.read_text() == "old samples\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "s.jsonl"]

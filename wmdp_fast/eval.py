@@ -12,12 +12,14 @@ Thin: parse, load (data first, so bad data fails before the model loads), call
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-from wmdp_fast.atomic import atomic_write_text
+from wmdp_fast.atomic import atomic_path
 from wmdp_fast.errors import ConfigError, ModelError, run_cli
 from wmdp_fast.prompts import DEFAULT_PROTOCOL, PROTOCOLS
 
@@ -100,11 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _atomic_write(path: str, text: str, flag: str) -> None:
-    target = Path(path)
-    if not target.parent.exists():
-        raise ConfigError(f"{flag} {path}: folder {target.parent} does not exist")
-    atomic_write_text(target, text)
+def _check_output_paths(paths: list[tuple[str, str]]) -> None:
+    """Each (flag, path) must be a file name in a folder where files can be created, and no two
+    the same file: checked before any work, not found out after the whole evaluation."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths:
+        target = Path(path)
+        if not target.resolve().parent.is_dir():
+            raise ConfigError(f"{flag} {path}: folder {target.parent} does not exist")
+        if target.is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file name inside it")
+        if target.resolve() in seen:
+            raise ConfigError(f"{flag} {path}: the same file as {seen[target.resolve()]}")
+        seen[target.resolve()] = flag
+        try:  # a read-only mount or a folder without write permission (even for root, /proc)
+            with tempfile.TemporaryFile(dir=target.resolve().parent):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{flag} {path}: cannot write in folder {target.parent} ({exc.strerror or exc})"
+            ) from exc
+
+
+def _write_outputs(files: list[tuple[str, str, str]]) -> None:
+    """Write each (flag, path, text) to a temporary sibling; only once all are written are
+    they renamed into place, the last first (so the results file, given first, is renamed
+    last). A failed write replaces no file: never new samples beside old results."""
+    with contextlib.ExitStack() as stack:
+        for flag, path, text in files:
+            try:
+                tmp = stack.enter_context(atomic_path(path))
+                tmp.write_text(text, encoding="utf-8", newline="\n")
+            except OSError as exc:
+                raise ConfigError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def _fmt(x) -> str:
@@ -152,11 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.load_in_4bit and args.load_in_8bit:
         raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
 
-    for flag, path in (("--output", args.output), ("--log-samples", args.log_samples)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ConfigError(f"{flag} {path}: folder {Path(path).parent} does not exist")
-        if path and Path(path).is_dir():
-            raise ConfigError(f"{flag} {path}: is a folder; give a file name inside it")
+    outputs = (("--output", args.output), ("--log-samples", args.log_samples))
+    _check_output_paths([(flag, path) for flag, path in outputs if path])
     task_objs, groups = load_tasks(tasks, args.data_dir, args.limit)  # validates all data first
     device = resolve_device(args.device)
     log.info("loading %s", model_path)
@@ -189,12 +216,15 @@ def run(args: argparse.Namespace) -> dict:
     res["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     res["limit"] = args.limit
     samples = res.pop("samples", None)
-    # samples first: a results file, once there, means the run's samples were written too
+    # samples renamed into place first: a results file, once there, means the run's samples
+    # were written too
+    files = []
+    if args.output:
+        files.append(("--output", args.output, json.dumps(res, indent=2) + "\n"))
     if args.log_samples:
         text = "".join(json.dumps(s) + "\n" for s in samples or [])
-        _atomic_write(args.log_samples, text, "--log-samples")
-    if args.output:
-        _atomic_write(args.output, json.dumps(res, indent=2) + "\n", "--output")
+        files.append(("--log-samples", args.log_samples, text))
+    _write_outputs(files)
     return res
 
 

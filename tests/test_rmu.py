@@ -246,6 +246,8 @@ def test_config_validation_names_the_flag():
         RMUConfig(layer_ids=[]).validate()
     with pytest.raises(ConfigError, match="--param_ids"):
         RMUConfig(param_ids=[]).validate()
+    with pytest.raises(ConfigError, match="--control-vectors /no/such.safetensors: no such file"):
+        RMUConfig(control_vectors="/no/such.safetensors").validate()
 
 
 def test_layer_and_param_validation(tmp_path, tiny):

@@ -145,6 +145,9 @@ class RMUConfig:
                 raise ConfigError(f"{name} is empty: name at least one (comma-separated)")
         if min(self.layer_ids) < 0 or self.layer_id < 0:
             raise ConfigError("layer indices must be >= 0")
+        if self.control_vectors and not Path(self.control_vectors).is_file():
+            # before --resume compares fingerprints: a vanished file is not "other settings"
+            raise ConfigError(f"--control-vectors {self.control_vectors}: no such file")
 
     def training_fingerprint(self) -> str:
         """Hash of the settings that determine the trained weights (for --resume)."""

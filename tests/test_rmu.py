@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_rmu_parity import tiny_cfg, write_corpora
 
 from wmdp_fast.corpora import load_corpora, load_corpus
-from wmdp_fast.errors import ConfigError, DataError, TrainingError
+from wmdp_fast.errors import ConfigError, DataError, ModelError, TrainingError
 from wmdp_fast.rmu import RMUConfig, draw_control_vectors, plan_batches, run_rmu
 from wmdp_fast.testing import make_tiny_model
 
@@ -799,3 +799,71 @@ def test_ctrl_c_while_saving_the_model_keeps_the_finished_steps(tmp_path, tiny, 
     for name, t in full.params.items():
         assert torch.equal(resumed.params[name], t), name
     assert torch.equal(load_file(str(out / "model.safetensors"))[name], t)
+
+
+def _sharded_copy(model_dir: Path, dest: Path) -> Path:
+    """The tiny checkpoint re-saved in several shards (like the hub's 7B checkpoints), with its
+    tokenizer files."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.save_pretrained(str(dest), max_shard_size="200KB")
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+def test_untouched_shards_are_copied_while_training(tmp_path, tiny):
+    """The output's untouched shards are copied into the temporary output folder by a
+    background thread during the run (the save then only patches the trained shards); the
+    saved checkpoint is the original with only the trained tensors' bytes changed."""
+    from wmdp_fast.models import _weight_map
+
+    model_dir, corpus = tiny
+    src = _sharded_copy(model_dir, tmp_path / "sharded")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    cfg = tiny_cfg(tmp_path, src, corpus, max_num_batches=3)
+    seen: list[set[str]] = []
+
+    def look(step, row):  # what the temporary output folder holds at each step
+        tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        assert len(tmps) == 1
+        seen.append({p.name for p in tmps[0].iterdir()})
+
+    res = run_rmu(cfg, progress=False, step_callback=look)
+    wmap = _weight_map(src)
+    trained = {wmap[n] for n in res.params}
+    untouched = set(shards) - trained
+    assert len(shards) > 2 and trained and untouched
+    assert untouched <= seen[-1] and not trained & seen[-1]  # copied before the save
+    for name in shards:  # the output: same files; untouched ones byte-identical
+        same = (res.output_dir / name).read_bytes() == (src / name).read_bytes()
+        assert same == (name in untouched), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+def test_an_interrupted_or_failed_run_leaves_no_temporary_output(tmp_path, tiny, monkeypatch):
+    """The background copy's folder is removed when the run stops early (Ctrl-C, an error),
+    and a failed copy is one clear error at the save, with nothing left behind."""
+    import wmdp_fast.models as models
+
+    model_dir, corpus = tiny
+    src = _sharded_copy(model_dir, tmp_path / "sharded")
+    cfg = tiny_cfg(tmp_path, src, corpus, max_num_batches=3)
+    with pytest.raises(TrainingError, match="interrupted after 2 of 3"):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(1, KeyboardInterrupt))
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, RuntimeError))
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "copy_untouched_files", full_disk)
+    cfg.checkpoint_every = 0
+    with pytest.raises(ModelError, match="could not copy the checkpoint's files.*No space left"):
+        run_rmu(cfg, progress=False)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not Path(cfg.output_dir).exists()

@@ -493,15 +493,16 @@ def _weight_map(src: Path) -> dict[str, str]:
     )
 
 
-def _copy_untouched(src: Path, dst: Path) -> None:
+def _copy_untouched(src: Path, dst: Path, stop=None) -> None:
     """A copy of `src` (same bytes, mode and times), never a hard link: whatever rewrites a
     file of the output in place (safetensors < 0.8's save_file, transformers' index writer,
     torch.save, cp) would otherwise rewrite the original checkpoint, or the hub cache's blob,
     too. Where the file system has reflinks the copy shares the blocks, copy-on-write."""
     import shutil
 
-    _copy_file(src, dst)
-    shutil.copystat(src, dst)
+    _copy_file(src, dst, stop)
+    if stop is None or not stop.is_set():
+        shutil.copystat(src, dst)
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -540,15 +541,18 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _copy_file(src: Path, dst: Path) -> None:
+def _copy_file(src: Path, dst: Path, stop=None) -> None:
     """Copy src to dst inside the kernel: copy_file_range (which shares the blocks instead of
-    copying them on file systems with reflinks, e.g. XFS, Btrfs), else shutil's copy."""
+    copying them on file systems with reflinks, e.g. XFS, Btrfs), else shutil's copy. `stop`
+    (a threading.Event) ends the copy between 1 GiB chunks, leaving dst incomplete."""
     import shutil
 
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         left = os.fstat(fi.fileno()).st_size
         try:
             while left > 0:
+                if stop is not None and stop.is_set():
+                    return
                 n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
                 if n == 0:
                     break
@@ -594,25 +598,11 @@ def _patch_shard(src: Path, dst: Path, updated: dict[str, torch.Tensor]) -> None
             fh.write(data)
 
 
-def save_updated_checkpoint(
-    src_dir: str | Path, out_dir: str | Path, updated: dict[str, torch.Tensor], model=None
-) -> list[str]:
-    """Write the checkpoint in `src_dir` to `out_dir` with only the tensors in `updated`
-    (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards, config and
-    tokenizer files are copied (reflinks where the file system has them; never hard links);
-    weights transformers does not load (other formats, consolidated.safetensors, a layout
-    beside the one loaded) are skipped: they would hold the old values. `out_dir` must be new
-    or empty; it is created if needed (the caller renames it into place). Returns the
-    rewritten shards.
-
-    `model` (the model the tensors came from, loaded by from_pretrained): parameter names that
-    the checkpoint does not hold are mapped back to its keys with transformers' own reverse
-    weight conversion (transformers 5 loads e.g. Mixtral's per-expert w1/w2/w3 tensors into
-    fused `mlp.experts.gate_up_proj` / `down_proj` parameters).
-    """
-    import shutil
-
-    src, out = Path(src_dir), Path(out_dir)
+def _save_plan(
+    src: Path, updated: dict[str, torch.Tensor], model=None
+) -> tuple[dict[str, str], dict[str, torch.Tensor], set[str], set[str]]:
+    """(weight map, `updated` under checkpoint keys, the shards holding them, the files
+    transformers loads) for saving `src` with `updated` replaced."""
     wmap = _weight_map(src)
     missing = [k for k in updated if k not in wmap]
     if missing and model is not None:
@@ -625,20 +615,72 @@ def save_updated_checkpoint(
             f"the updated tensors {missing} are not in the checkpoint {src} (its keys look like "
             f"{next(iter(wmap))!r}); the model's parameter names differ from the stored ones"
         )
-    if out.is_dir() and any(out.iterdir()):
+    loaded = set(wmap.values())
+    if "model.safetensors" not in loaded:
+        loaded.add("model.safetensors.index.json")
+    return wmap, updated, {wmap[k] for k in updated}, loaded
+
+
+def untouched_weight_files(
+    src_dir: str | Path, updated: dict[str, torch.Tensor], model=None
+) -> list[str]:
+    """The weight files of `src_dir` that `save_updated_checkpoint` copies unchanged when the
+    tensors named in `updated` are replaced (their values do not matter here: a run can copy
+    these with `copy_untouched_files` while it trains, and pass them as `copied`)."""
+    src = Path(src_dir)
+    _, _, shards, loaded = _save_plan(src, updated, model)
+    return sorted(n for n in loaded - shards if (src / n).is_file())
+
+
+def copy_untouched_files(
+    src_dir: str | Path, out_dir: str | Path, names: list[str], stop=None
+) -> None:
+    """Copy the files `names` of `src_dir` into `out_dir` (`_copy_untouched`: kernel copies,
+    never hard links). `stop` (a threading.Event): when set, return between files and between
+    1 GiB chunks, leaving `out_dir` incomplete (the caller removes it)."""
+    src, out = Path(src_dir), Path(out_dir)
+    for name in names:
+        if stop is not None and stop.is_set():
+            return
+        _copy_untouched(src / name, out / name, stop)
+
+
+def save_updated_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    updated: dict[str, torch.Tensor],
+    model=None,
+    copied: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """Write the checkpoint in `src_dir` to `out_dir` with only the tensors in `updated`
+    (checkpoint key -> tensor) replaced, cast to the stored dtype. Untouched shards, config and
+    tokenizer files are copied (reflinks where the file system has them; never hard links);
+    weights transformers does not load (other formats, consolidated.safetensors, a layout
+    beside the one loaded) are skipped: they would hold the old values. `out_dir` must be new
+    or empty, or hold exactly the files `copied`, which `copy_untouched_files` has already
+    copied there (`untouched_weight_files`); it is created if needed (the caller renames it
+    into place). Returns the rewritten shards.
+
+    `model` (the model the tensors came from, loaded by from_pretrained): parameter names that
+    the checkpoint does not hold are mapped back to its keys with transformers' own reverse
+    weight conversion (transformers 5 loads e.g. Mixtral's per-expert w1/w2/w3 tensors into
+    fused `mlp.experts.gate_up_proj` / `down_proj` parameters).
+    """
+    import shutil
+
+    src, out = Path(src_dir), Path(out_dir)
+    wmap, updated, shards, loaded = _save_plan(src, updated, model)
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if present != set(copied) or not set(copied) <= loaded - shards:
         # its files may be the source's own (out_dir == src_dir), or hard links to them (an
         # earlier wmdp_fast hard-linked untouched shards): writing over them rewrites the original
         raise ModelError(
             f"{out} is not empty: save_updated_checkpoint writes a new folder; pass a new or "
             "empty one (and rename it into place)"
         )
-    shards = {wmap[k] for k in updated}
-    loaded = set(wmap.values())
-    if "model.safetensors" not in loaded:
-        loaded.add("model.safetensors.index.json")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.startswith("."):
+        if not f.is_file() or f.name.startswith(".") or f.name in copied:
             continue
         if f.name in shards:
             _patch_shard(f, out / f.name, {k: v for k, v in updated.items() if wmap[k] == f.name})

@@ -986,16 +986,20 @@ def run_rmu(
     simulate an interruption). Raises WmdpFastError subclasses for every user-caused failure;
     a NaN/inf loss raises TrainingError naming the step and saves no model.
     """
+    running: dict = {}  # what _run started that must be stopped if it fails
     try:
-        return _run(cfg, progress, step_callback, keep_cache)
+        return _run(cfg, progress, step_callback, keep_cache, running)
     except torch.cuda.OutOfMemoryError as exc:
         raise ResourceError(
             f"the GPU ran out of memory ({str(exc).splitlines()[0]}); try --cache-device cpu, "
             "--offload, --load-in-4bit or a smaller --batch_size"
         ) from exc
+    finally:
+        if "prefetch" in running:  # after a success its folder is the output: nothing to remove
+            running["prefetch"].abort()
 
 
-def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
+def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> RMUResult:
     from tqdm.auto import tqdm
 
     from wmdp_fast import cache as cache_mod
@@ -1010,6 +1014,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
         resolve_dtype,
         save_updated_checkpoint,
         select_params,
+        untouched_weight_files,
         validate_layers,
     )
 
@@ -1184,6 +1189,13 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
     )
     layers = get_decoder_layers(model)
     timings["load_s"] = time.perf_counter() - t0
+    # the output's untouched weight files (for a 7B model ~12.5 GB: copies, never hard links)
+    # are copied by a background thread while the GPU builds the cache and trains
+    trained0 = {n: p.detach() for n, p in select_params(model, cfg.layer_ids, cfg.param_ids)}
+    running["prefetch"] = prefetch = _OutputPrefetch(
+        src_dir, out, untouched_weight_files(src_dir, trained0, model)
+    )
+    del trained0
 
     components = {
         "model": cache_mod.model_prefix_fingerprint(model, first),
@@ -1476,9 +1488,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache) -> RMUResult:
             "model was saved. Lower --lr or --alpha/--steering_coeffs, or use "
             "--optimizer-dtype float32"
         )
-    tmp = make_temp_dir(out)
+    tmp = prefetch.finish()  # the folder, with the untouched weight files copied
     try:
-        save_updated_checkpoint(src_dir, tmp, trained, model=model)
+        save_updated_checkpoint(src_dir, tmp, trained, model=model, copied=prefetch.names)
         from safetensors.torch import save_file
 
         save_file(
@@ -1583,6 +1595,43 @@ def _verbose_stats(idx, h_f, h_r, tgt, targets, cache, cfg) -> dict:
         f"topic{k}_updated_retain_norm": norm(h_r),
         f"topic{k}_frozen_retain_norm": norm(tgt),
     }
+
+
+class _OutputPrefetch:
+    """Copies the checkpoint's untouched weight files into a new temporary output folder in a
+    background thread (`os.copy_file_range` releases the GIL), so that the copy overlaps the
+    run instead of adding to the save. `finish()` waits for it and returns the folder;
+    `abort()` stops it (between files and 1 GiB chunks) and removes the folder."""
+
+    def __init__(self, src_dir: Path, out: Path, names: list[str]):
+        from wmdp_fast.models import copy_untouched_files
+
+        self.names = names
+        self.tmp = make_temp_dir(out)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+        def work():
+            try:
+                copy_untouched_files(src_dir, self.tmp, names, self.stop)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by finish()
+                self.error = exc
+
+        self.thread = threading.Thread(target=work, name="wmdp_fast-output-copy", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise ModelError(
+                f"could not copy the checkpoint's files into {self.tmp}: {self.error}"
+            ) from self.error
+        return self.tmp
+
+    def abort(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

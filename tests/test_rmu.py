@@ -867,3 +867,29 @@ def test_an_interrupted_or_failed_run_leaves_no_temporary_output(tmp_path, tiny,
         run_rmu(cfg, progress=False)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     assert not Path(cfg.output_dir).exists()
+
+
+def test_ctrl_c_while_waiting_for_the_background_copy_keeps_the_finished_steps(
+    tmp_path, tiny, monkeypatch
+):
+    """The save first waits for the background copy of the untouched shards (seconds for a
+    7B model); a Ctrl-C there writes the checkpoint of all steps too, and leaves no folder."""
+    import wmdp_fast.rmu as rmu
+
+    model_dir, corpus = tiny
+    src = _sharded_copy(model_dir, tmp_path / "sharded")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rmu._OutputPrefetch, "finish", interrupted)
+    cfg = tiny_cfg(tmp_path, src, corpus, max_num_batches=2)
+    try:
+        run_rmu(cfg, progress=False)
+    except KeyboardInterrupt:  # caught here: escaping, it would end the pytest session
+        pytest.fail("the Ctrl-C while waiting for the copy escaped, without a checkpoint")
+    except TrainingError as exc:
+        assert "while saving" in str(exc)
+    state = json.loads((tmp_path / ".out.rmu-checkpoint" / "state.json").read_text())
+    assert state["steps_done"] == 2
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

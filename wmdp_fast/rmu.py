@@ -1488,8 +1488,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
             "model was saved. Lower --lr or --alpha/--steering_coeffs, or use "
             "--optimizer-dtype float32"
         )
-    tmp = prefetch.finish()  # the folder, with the untouched weight files copied
+    tmp = prefetch.tmp
     try:
+        prefetch.finish()  # the untouched weight files are in tmp now (a Ctrl-C may come here)
         save_updated_checkpoint(src_dir, tmp, trained, model=model, copied=prefetch.names)
         from safetensors.torch import save_file
 
@@ -1549,7 +1550,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
         (tmp / "accuracy.png").unlink(missing_ok=True)
         _move_into_place(tmp, out)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        prefetch.abort()  # stops the copy if it still runs, removes tmp
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while saving: keep the finished steps
             save(num_batches, periodic=False)
             raise TrainingError(

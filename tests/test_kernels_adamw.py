@@ -105,6 +105,7 @@ def _grads(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     g[k : 2 * k] *= 1e3
     extremes = [fi.max**0.75, -(fi.max**0.75), fi.max**0.5, 1e4, -0.5]
     extremes += [fi.tiny * 3, -fi.tiny, fi.tiny / 4, -fi.tiny / 64]  # the last two subnormal
+    extremes = extremes[: max(0, n - 2 * k)]  # a 7-element tensor takes the first 7
     g[2 * k : 2 * k + len(extremes)] = torch.tensor(extremes, dtype=torch.float64)
     return g.to(dtype)
 

@@ -491,16 +491,18 @@ def test_cuda_runs_the_variant_it_is_asked_for(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_row_offsets_past_2_31_elements(monkeypatch):
     """The eval's real size, 16,384 rows of a 151,936 vocabulary, as a [:, 1:] slice of
-    [R, V + 1] (odd row stride: every row misaligned differently, a storage offset): rows from
-    14,134 on start past 2^31 elements (and 4 GiB), so an int32 row * stride anywhere in the
-    mark / row_stats / finish kernels reads the wrong row. bf16, the eval's dtype; only the
+    [R, V + 1] (odd row stride: every row misaligned differently, a storage offset): row 14,134
+    straddles element 2^31 and rows from 14,135 on start past it (and 4 GiB), so an int32
+    row * stride anywhere in the mark / row_stats / finish kernels reads the wrong row. bf16, the eval's dtype; only the
     scored rows are filled (5 GB, freed at the end)."""
     R, V, dtype = 16384, 151936, torch.bfloat16
     rows = [0, 1, 14133, 14134, 14135, 16382, 16383]
     full = torch.empty(R, V + 1, dtype=dtype, device="cuda")
     try:
         x = full[:, 1:]
-        assert x.stride(0) * rows[3] > 2**31
+        # row 14,134 straddles element 2^31, row 14,135 starts past it (the test's own check)
+        start = [x.storage_offset() + r * x.stride(0) for r in rows]
+        assert start[3] < 2**31 < start[3] + V and start[4] > 2**31
         g = torch.Generator(device="cuda").manual_seed(7)
         vals = torch.randn(len(rows), V, generator=g, device="cuda") * 4
         vals[-1, 100] = vals[-1, 150000] = 40.0  # a tie far apart: the first index wins

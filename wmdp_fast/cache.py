@@ -325,6 +325,7 @@ def tokenize_batches(tokenizer, batches: Sequence[tuple[Sequence[str], int]]) ->
     return out
 
 
+@torch.no_grad()  # the prefix is frozen: no graph, no saved activations (see the offload test)
 def capture_layer_inputs(
     model,
     tokenizer,

@@ -159,7 +159,10 @@ def test_oom_backoff_and_resource_error(tok, monkeypatch):
     monkeypatch.setattr(ev._Scorer, "logits_at", flaky)
     got = ev.evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=10**6)
     assert calls[0] == 1  # the one-sequence check of the split path
-    assert calls[1:4] == [10, 5, 2]  # halved until it fits
+    assert calls[1] == 10  # all in one batch under the huge budget
+    # then the rest is re-planned under half that batch's tokens until every batch fits
+    assert calls[2] <= 5 and all(c <= 2 for c in calls[-3:])
+    assert sum(c for c in calls[1:] if c <= 2) == 10  # each sequence scored exactly once
     flat = [x for s in got["samples"] for x in s["loglikelihoods"]]
     assert flat == pytest.approx(
         [x for s in clean["samples"] for x in s["loglikelihoods"]], abs=1e-4
@@ -171,6 +174,73 @@ def test_oom_backoff_and_resource_error(tok, monkeypatch):
     monkeypatch.setattr(ev._Scorer, "logits_at", always)
     with pytest.raises(ResourceError, match="--load-in-4bit"):
         ev.evaluate(model, tok, [task], progress=False)
+
+
+def _padded(lengths, sizes):
+    out, i = 0, 0
+    for n in sizes:
+        out, i = out + n * lengths[i], i + n
+    return out
+
+
+def test_plan_batches_is_the_optimal_split_under_the_budget():
+    """plan_batches against brute force over every split of small sorted length lists: within
+    the budget (a row longer than it alone) and the least padded tokens + budget/32 per batch."""
+    import itertools
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted((rng.randint(1, 60) for _ in range(rng.randint(1, 9))), reverse=True)
+        budget = rng.randint(20, 200)
+        sizes = ev.plan_batches(lengths, budget)
+        assert sum(sizes) == len(lengths) and all(n >= 1 for n in sizes)
+        i = 0
+        for n in sizes:
+            assert n == 1 or n * lengths[i] <= budget
+            i += n
+        best = None
+        for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):
+            split, start = [], 0
+            for k, c in enumerate(cuts, 1):
+                if c:
+                    split.append(k - start)
+                    start = k
+            split.append(len(lengths) - start)
+            j, ok = 0, True
+            for n in split:
+                ok &= n == 1 or n * lengths[j] <= budget
+                j += n
+            if ok:
+                c = _padded(lengths, split) + len(split) * max(1, budget // 32)
+                best = c if best is None else min(best, c)
+        assert _padded(lengths, sizes) + len(sizes) * max(1, budget // 32) == best
+
+
+def test_batches_do_not_pad_short_sequences_to_a_long_one(tok, monkeypatch):
+    """One long question among short ones: filling the budget put them all in one batch padded
+    to the long one (the old rule: 14% of bench_eval's tokens were padding); now the long one
+    runs alone. Scores equal one-sequence-per-batch runs."""
+    model = _mistral(seed=3)
+    docs = _docs(12, seed=3)
+    docs[0] = dict(docs[0], question=" ".join(["virus gene"] * 150) + "?")
+    task = MCQTask("t", "biology", "synthetic", docs)
+    real, shapes = ev._Scorer.logits_at, []
+
+    def spy(self, ids, flat_rows):
+        shapes.append(tuple(ids.shape))
+        return real(self, ids, flat_rows)
+
+    monkeypatch.setattr(ev._Scorer, "logits_at", spy)
+    res = ev.evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=4096)
+    batches = shapes[1:]  # [0] is the one-sequence check of the split path
+    assert sum(b for b, _ in batches) == 12
+    longest = max(t for _, t in batches)
+    assert longest > 300 and (1, longest) in batches  # the long one alone
+    assert sum(b * t for b, t in batches) < 2 * longest + 12 * 80  # not 12 x longest
+    one = ev.evaluate(model, tok, [task], log_samples=True, progress=False, batch_tokens=1)
+    for s, t in zip(res["samples"], one["samples"]):
+        assert s["pred"] == t["pred"]
+        assert s["loglikelihoods"] == pytest.approx(t["loglikelihoods"], abs=1e-4)
 
 
 def test_auto_batch_tokens_on_cuda(monkeypatch):

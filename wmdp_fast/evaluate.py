@@ -12,7 +12,8 @@ How a run goes (lm-eval semantics, spec/eval.md):
    sequence (as lm-eval's logits cache does): when all 4 answers are single tokens in context
    (the usual case) a question is ONE sequence read at ONE position; otherwise its requests
    fall back to the multi-token path, which reads several positions per sequence.
-3. Sequences are sorted by length (longest first) and batched under a token budget. Only the
+3. Sequences are sorted by length (longest first) and split into batches of at most a token
+   budget of padded tokens, where padding is least (`plan_batches`). Only the
    decoder body runs over the batch (``model.model``); the LM head (plus Gemma's final logit
    softcapping) is applied to the hidden states of the needed positions only, and
    `ops.gather_logprobs` (C++/CUDA) turns those logits into log-likelihoods and is_greedy
@@ -31,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -216,6 +218,35 @@ def auto_batch_tokens(model, device: torch.device) -> int:
     return max(256, min(MAX_AUTO_BATCH_TOKENS, budget))
 
 
+def plan_batches(lengths: list[int], budget: int) -> list[int]:
+    """Batch sizes (rows) that split `lengths` (sorted longest first) into consecutive batches
+    of at most `budget` padded tokens (rows x longest row; a longer row alone), minimizing the
+    padded tokens plus `budget / 32` tokens per batch (its fixed cost: launches, a sync, smaller
+    matmuls). Filling every batch up to the budget instead pads the long tail heavily: on
+    bench_eval's 1,500 WMDP-like prompts at 32,768 tokens that was 14% of all tokens computed
+    (the first batch held rows of 2,009 down to 602 tokens); this plan pads 5%.
+
+    Exact dynamic programme over split points, O(sum of rows per batch) numpy work (~0.1 s for
+    all of WMDP + MMLU)."""
+    n = len(lengths)
+    L = np.asarray(lengths, dtype=np.int64)
+    overhead = max(1, budget // 32)
+    cost = np.zeros(n + 1, dtype=np.int64)  # cost[i]: best cost of lengths[i:]
+    end = np.zeros(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        T = int(L[i])
+        m = min(n - i, max(1, budget // T))
+        c = cost[i + 1 : i + m + 1] + np.arange(1, m + 1, dtype=np.int64) * T
+        j = int(c.argmin())  # first minimum: the smaller batch on ties
+        cost[i] = c[j] + overhead
+        end[i] = i + 1 + j
+    sizes, i = [], 0
+    while i < n:
+        sizes.append(int(end[i]) - i)
+        i = int(end[i])
+    return sizes
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
@@ -287,10 +318,11 @@ def score_sequences(
             except _NonFiniteLogits:
                 qs = [requests[ri].question for ri in by_seq[order[-1]]]
                 raise _nonfinite_error(qs, labels) from None
+        lengths = [len(seqs[s]) for s in order]
+        sizes, k = plan_batches(lengths, budget), 0
         while i < len(order):
-            T = len(seqs[order[i]])
-            n = max(1, budget // T)
-            batch = order[i : i + n]
+            T = lengths[i]
+            batch = order[i : i + sizes[k]]
             try:
                 _score_batch(scorer, seqs, requests, by_seq, batch, loglik, greedy)
             except _NonFiniteLogits as exc:
@@ -307,8 +339,10 @@ def score_sequences(
                     ) from exc
                 budget = max(T, (len(batch) // 2) * T)
                 log.warning("out of memory: lowering the batch token budget to %d", budget)
+                sizes, k = plan_batches(lengths[i:], budget), 0
                 continue
             i += len(batch)
+            k += 1
             bar.update(len(batch))
     bar.close()
     return loglik, greedy

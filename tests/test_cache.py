@@ -290,3 +290,33 @@ def test_tokenize_batches_is_the_published_per_batch_call(tmp_path, flavour):
     # the cases are real: some batch is padded on the left, some document truncated
     assert any((e["attention_mask"][:, 0] == 0).any() for e in got)
     assert any(e["input_ids"].shape[1] == ml for e, (_, ml) in zip(got, batches))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_tensor_fingerprint_sees_every_element_of_a_large_tensor(dtype):
+    """Above full_limit the fingerprint is a word sum of all the bytes plus a strided sample:
+    a change of any single element (here ones the sample skips) changes it; the same values at
+    another address (misaligned view vs copy) or computed with other thread counts do not."""
+    from wmdp_fast.cache import tensor_fingerprint
+
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(1 + 300 * 1001, generator=g).to(dtype)
+    t = big[1:]  # a storage offset: misaligned for 8-byte words
+    ref = tensor_fingerprint(t, full_limit=1000)
+    assert tensor_fingerprint(t.clone(), full_limit=1000) == ref
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert tensor_fingerprint(t, full_limit=1000) == ref
+    finally:
+        torch.set_num_threads(threads)
+    step = t.numel() // 65536 or 1
+    for i in (1, 7, t.numel() // 2 + 1, t.numel() - 1):
+        if step > 1:
+            assert i % step  # not a sampled element
+        u = t.clone()
+        u[i] = u[i] * 2 + 1
+        assert tensor_fingerprint(u, full_limit=1000) != ref, i
+    v = t.clone()
+    v[[5, 6]] = v[[6, 5]]  # neighbours swapped: sum of bytes unchanged only for equal values
+    assert tensor_fingerprint(v, full_limit=1000) != ref

@@ -123,10 +123,28 @@ def _h() -> hashlib._Hash:
     return hashlib.sha256()
 
 
+def _word_sum(t: torch.Tensor) -> int:
+    """Sum of the tensor's bytes read as the widest aligned integer words, modulo 2^64: any
+    change of one element changes it (only changes that cancel exactly do not). One pass at
+    memory speed: for 8-byte words, ~40x faster than the float64 sum + 2-norm it replaced
+    (0.015 vs 1.2 s for a 4096 x 14336 bf16 matrix on one CPU core)."""
+    b = t.reshape(-1).contiguous().view(torch.uint8)
+    if b.data_ptr() % 8:  # the word size must not depend on where the tensor sits
+        b = b.clone()  # fresh allocations are aligned
+    for w, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)):
+        if b.numel() % w == 0:
+            words = b.view(dt)
+            break
+    # int64 sums wrap around (two's complement): deterministic for any thread count
+    return int(words.sum(dtype=torch.int64)) if words.numel() else 0
+
+
 def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
     """A hash of a tensor: all bytes when it has at most `full_limit` elements; otherwise its
-    shape, dtype, float64 sum and 2-norm, and a strided sample of 65,536 elements (hashing
-    gigabytes of weights on every run would cost seconds)."""
+    shape, dtype, a 64-bit sum of all its bytes as integer words (every element counts) and a
+    strided sample of 65,536 elements (which also catches permutations). Hashing gigabytes of
+    weights with sha256 on every run would cost seconds; the float64 sum and 2-norm used before
+    cost ~8 s for Zephyr-7B's layers 0..7 on the H200 host (session 6), the word sum ~0.5 s."""
     h = _h()
     t = t.detach()
     h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
@@ -134,9 +152,7 @@ def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
     if flat.numel() <= full_limit:
         h.update(flat.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     else:
-        total = flat.sum(dtype=torch.float64).item()
-        norm = torch.linalg.vector_norm(flat, 2, dtype=torch.float64).item()
-        h.update(f"{total!r}|{norm!r}".encode())
+        h.update(f"{_word_sum(flat)}".encode())
         step = max(1, flat.numel() // 65536)
         h.update(flat[::step].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

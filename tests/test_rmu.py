@@ -190,6 +190,34 @@ def test_control_vectors_follow_published_seeding():
         assert (c > 0).all() and abs(c.norm().item() - coeff) < 1e-5
 
 
+def test_control_vector_rng_cpu_is_the_cpu_draw_on_any_device():
+    """--control-vector-rng cpu: the vectors of a CPU run, moved to the run's device (the demo's
+    setting; the published draw uses the device's generator, whose numbers differ on CUDA).
+    The default keeps the published draw and the --resume fingerprints of earlier versions."""
+    cpu = draw_control_vectors([6.5, 3.0], 32, seed=42, device="cpu", dtype=torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "meta"
+    moved = draw_control_vectors([6.5, 3.0], 32, 42, dev, torch.float32, rng="cpu")
+    assert all(m.device.type == dev and m.shape == c.shape for m, c in zip(moved, cpu))
+    if dev == "cuda":
+        assert all(torch.equal(m.cpu(), c) for m, c in zip(moved, cpu))
+        published = draw_control_vectors([6.5, 3.0], 32, 42, dev, torch.float32)
+        assert not torch.equal(published[0].cpu(), cpu[0])
+    assert RMUConfig(control_vector_rng="cpu").training_fingerprint() != (
+        RMUConfig().training_fingerprint()
+    )
+    with pytest.raises(ConfigError, match="control-vector-rng"):
+        RMUConfig(control_vector_rng="gpu").validate()
+    from wmdp_fast.unlearn import build_parser, config_from_args
+
+    def rng(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))[0].control_vector_rng
+
+    assert rng() == "cpu"  # the demo
+    assert rng("--model_name_or_path", "m") == "device"  # published
+    assert rng("--control-vector-rng", "device") == "device"
+    assert rng("--model_name_or_path", "m", "--control-vector-rng", "cpu") == "cpu"
+
+
 def test_plan_batches_interleaves_topics_and_lengths():
     forget = [[["a1"], ["a2"]], [["b1"], ["b2"]]]
     retain = [[["r1"], ["r2"]], [["r1"], ["r2"]]]

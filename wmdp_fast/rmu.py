@@ -77,6 +77,7 @@ class RMUConfig:
     corpus_dir: str | None = None
     corpus_mode: str = "exact"  # exact: raw lines for non-bio corpora; clean: parse JSON text
     control_vectors: str | None = None
+    control_vector_rng: str = "device"  # device: published; cpu: the same vectors everywhere
     mask_padding: bool = False
     optimizer_dtype: str = "model"
     load_in_4bit: bool = False
@@ -136,6 +137,8 @@ class RMUConfig:
             raise ConfigError("--offload streams the exact prefix; do not combine it with 4/8-bit")
         if self.checkpoint_every < 0:
             raise ConfigError("--checkpoint-every must be >= 0")
+        if self.control_vector_rng not in ("device", "cpu"):
+            raise ConfigError("--control-vector-rng must be 'device' or 'cpu'")
         if self.corpus_mode not in ("exact", "clean"):
             raise ConfigError("--corpus-mode must be 'exact' or 'clean'")
         if self.eval_protocol not in ("lm-eval-current", "lm-eval-0.4.2"):
@@ -165,6 +168,8 @@ class RMUConfig:
             "first_layer_cache",  # the same computation either way (bitwise on the CPU)
         }
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if d["control_vector_rng"] == "device":
+            del d["control_vector_rng"]  # the default: checkpoints of earlier versions resume
         if self.control_vectors and Path(self.control_vectors).is_file():
             # the file's contents, not only its name, determine the training
             data = Path(self.control_vectors).read_bytes()
@@ -194,15 +199,24 @@ def seed_everything(seed: int) -> None:
 
 
 def draw_control_vectors(
-    coeffs: list[float], hidden_size: int, seed: int, device, dtype: torch.dtype
+    coeffs: list[float],
+    hidden_size: int,
+    seed: int,
+    device,
+    dtype: torch.dtype,
+    rng: str = "device",
 ) -> list[torch.Tensor]:
     """The published control vectors: after seeding, for each forget corpus in order,
-    `u = torch.rand(1, 1, D)` (uniform [0, 1), model dtype and device), `u / ||u|| * c_k`."""
+    `u = torch.rand(1, 1, D)` (uniform [0, 1), model dtype and device), `u / ||u|| * c_k`.
+    The CPU and CUDA generators give different numbers for one seed, so the published vectors
+    depend on the device; `rng="cpu"` draws them as on the CPU and moves them to `device`
+    (the same vectors, hence comparable runs, on every device)."""
     seed_everything(seed)
+    where = torch.device("cpu") if rng == "cpu" else device
     out = []
     for c in coeffs:
-        u = torch.rand(1, 1, hidden_size, dtype=dtype, device=device)
-        out.append(u / torch.norm(u) * c)
+        u = torch.rand(1, 1, hidden_size, dtype=dtype, device=where)
+        out.append((u / torch.norm(u) * c).to(device))
     return out
 
 
@@ -1197,6 +1211,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
     )
     del trained0
 
+    t0 = time.perf_counter()  # the weights' fingerprints: the cache key and --resume's check
     components = {
         "model": cache_mod.model_prefix_fingerprint(model, first),
         "tokenizer": cache_mod.tokenizer_fingerprint(tok),
@@ -1222,6 +1237,7 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
             "dtype": str(dtype),
         }
     )
+    timings["fingerprint_s"] = time.perf_counter() - t0
     if resume_state is not None and "inputs_fingerprint" not in resume_state[0]:
         raise ConfigError(
             f"--resume: the checkpoint in {ckpt} was written by an older wmdp_fast that did not "
@@ -1352,7 +1368,9 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
     if cfg.control_vectors:
         cvs = load_control_vectors(cfg.control_vectors, len(cfg.forget_corpora), D, device, dtype)
     else:
-        cvs = draw_control_vectors(cfg.steering_coeffs, D, cfg.seed, device, dtype)
+        cvs = draw_control_vectors(
+            cfg.steering_coeffs, D, cfg.seed, device, dtype, cfg.control_vector_rng
+        )
 
     trainer = _Trainer(model, cfg, first, cvs, device)
     names = [n for n, _ in trainer.named]

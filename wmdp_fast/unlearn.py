@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="safetensors file with a float32 tensor control_vectors [K, hidden_size], used instead of drawing them",
     )
     add.add_argument(
+        "--control-vector-rng",
+        dest="control_vector_rng",
+        choices=("device", "cpu"),
+        default=None,
+        help="where the control vectors are drawn: device (default, as published: torch.rand on "
+        "the model's device, so a CPU and a CUDA run with the same --seed draw different "
+        "vectors) or cpu (the same vectors on every device; the demo's default)",
+    )
+    add.add_argument(
         "--mask-padding",
         dest="mask_padding",
         action="store_true",
@@ -331,6 +340,7 @@ def config_from_args(args: argparse.Namespace):
     published = RMUConfig()
     base = {k: getattr(published, k) for k in PUBLISHED_FLAGS}
     base["corpus_mode"] = "exact"
+    base["control_vector_rng"] = "device"
     extra = {}
     if demo:
         from wmdp_fast import demo as demo_pkg

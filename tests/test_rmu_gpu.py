@@ -93,13 +93,17 @@ def test_cuda_parity_float32(tmp_path, tiny, cache_device):
 
 
 def test_cuda_bf16_loss_curve_close_to_published(tmp_path, tiny):
-    """bf16 (the published precision): loss curves agree to bf16 accuracy."""
+    """bf16 (the published precision): loss curves agree to bf16 accuracy with float32's.
+    Both use one control vector file: on CUDA, torch.rand draws other numbers in bf16 than in
+    float32 from one seed (the drawn vectors made the forget losses differ by 28% on an H200;
+    the same test on the CPU with one vector: 0.8%)."""
     model_dir, corpus = tiny
-    cfg = tiny_cfg(
-        tmp_path, model_dir, corpus, K=1, max_num_batches=4, device="cuda", dtype="bfloat16"
-    )
+    cv = tmp_path / "cv.safetensors"
+    control_vectors_file(cv, 1, 64, [20.0])
+    kw = dict(K=1, max_num_batches=4, device="cuda", control_vectors=str(cv))
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, dtype="bfloat16", **kw)
     res = run_rmu(cfg, progress=False)
-    cfg32 = tiny_cfg(tmp_path / "b", model_dir, corpus, K=1, max_num_batches=4, device="cuda")
+    cfg32 = tiny_cfg(tmp_path / "b", model_dir, corpus, **kw)
     ref = run_rmu(cfg32, progress=False)
     a = torch.tensor([r["forget_loss"] for r in res.report["losses"]])
     b = torch.tensor([r["forget_loss"] for r in ref.report["losses"]])

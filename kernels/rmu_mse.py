@@ -40,6 +40,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tlcuda
 
 from wmdp_fast import reference
 from wmdp_fast.errors import ConfigError
@@ -127,6 +128,68 @@ def _mse_row(
     return tl.sum(acc, axis=0)
 
 
+@triton.jit
+def _mse_rows(
+    row0,
+    n_rows,
+    h_ptr,
+    h_sb,
+    h_st,
+    h_sd,
+    t_ptr,
+    t_sb,
+    t_st,
+    t_sd,
+    s_ptr,
+    s_sb,
+    s_st,
+    m_ptr,
+    m_sb,
+    m_st,
+    g_ptr,
+    T,
+    D,
+    grad_scale,
+    HAS_MASK: tl.constexpr,
+    TARGET_INT8: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """`_mse_row` for ROWS rows at once ([ROWS, BLOCK_D] tiles; rows past n_rows are neither
+    read nor written): (per-row sums [ROWS], row indices [ROWS], rows that exist [ROWS])."""
+    rows = row0.to(tl.int64) + tl.arange(0, ROWS)
+    exists = rows < n_rows
+    b = rows // T
+    t = rows - b * T
+    live_row = exists  # rows to read: not the masked-out ones
+    if HAS_MASK:
+        live_row = live_row & (tl.load(m_ptr + b * m_sb + t * m_st, mask=exists, other=0) != 0)
+    h_row = (h_ptr + b * h_sb + t * h_st)[:, None]
+    t_row = (t_ptr + b * t_sb + t * t_st)[:, None]
+    if TARGET_INT8:  # a masked-out row must not see its scale (a corrupt cache may hold NaN)
+        qscale = tl.load(s_ptr + b * s_sb + t * s_st, mask=live_row, other=0.0)[:, None]
+    g_row = (g_ptr + rows * D)[:, None]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = (start + tl.arange(0, BLOCK_D))[None, :]
+        in_row = cols < D
+        # a row-constant mask AND the column mask: `cols < n_live` per row (as `_mse_row`
+        # does) kept Triton from vectorising the loads (scalar ld.global.b16 in sm_90 PTX)
+        live = live_row[:, None] & in_row
+        h = tl.load(h_row + cols * h_sd, mask=live, other=0.0).to(tl.float32)
+        tv = tl.load(t_row + cols * t_sd, mask=live, other=0).to(tl.float32)
+        if TARGET_INT8:
+            tv = tv * qscale
+        diff = h - tv
+        acc += diff * diff
+        if WRITE_GRAD:
+            g = _cast_out(diff * grad_scale, g_ptr.dtype.element_ty, MANUAL_BF16)
+            tl.store(g_row + cols, g, mask=exists[:, None] & in_row)
+    return tl.sum(acc, axis=1), rows, exists
+
+
 @triton.jit(do_not_specialize=["n_rows"])  # only read by the fused finish: no extra variants
 def _rmu_mse_kernel(
     part_ptr,
@@ -159,19 +222,36 @@ def _rmu_mse_kernel(
     BLOCK_D: tl.constexpr,
     FUSED_FINISH: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr = 1,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
-    """Stage 1 of one term, grid (n_rows,): each program one position's partial (and its
-    gradient). With FUSED_FINISH, also stage 2 in the last program (cnt_ptr, out_ptr, loss_mul
-    are only read then)."""
-    row = tl.program_id(0)
-    s = _mse_row(
-        row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
-        m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
-        HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
-    )  # fmt: skip
-    _emit_partial(
-        part_ptr, s, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr, FUSED_FINISH, FINISH_BLOCK
-    )
+    """Stage 1 of one term, grid (cdiv(n_rows, ROWS),): each program the partials of ROWS
+    positions (one per position, and their gradient). With FUSED_FINISH, also stage 2 in the
+    last program (cnt_ptr, out_ptr, loss_mul are only read then). LAUNCH_DEPENDENTS lets a
+    finish kernel launched with programmatic dependent launch start early (it waits anyway)."""
+    if LAUNCH_DEPENDENTS:
+        tlcuda.gdc_launch_dependents()
+    if ROWS == 1:
+        row = tl.program_id(0)
+        s = _mse_row(
+            row, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd, s_ptr, s_sb, s_st,
+            m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
+            HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, BLOCK_D,
+        )  # fmt: skip
+        _emit_partial(
+            part_ptr, s, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr, FUSED_FINISH,
+            FINISH_BLOCK,
+        )  # fmt: skip
+    else:
+        s, rows, exists = _mse_rows(
+            tl.program_id(0) * ROWS, n_rows, h_ptr, h_sb, h_st, h_sd, t_ptr, t_sb, t_st, t_sd,
+            s_ptr, s_sb, s_st, m_ptr, m_sb, m_st, g_ptr, T, D, grad_scale,
+            HAS_MASK, TARGET_INT8, WRITE_GRAD, MANUAL_BF16, ROWS, BLOCK_D,
+        )  # fmt: skip
+        _emit_partials(
+            part_ptr, s, rows, exists, cnt_ptr, n_rows, n_rows, loss_mul, 0.0, out_ptr,
+            FUSED_FINISH, FINISH_BLOCK,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_total"])  # only read by the fused finish
@@ -230,26 +310,54 @@ def _rmu_loss_kernel(
     BLOCK_D: tl.constexpr,
     FUSED_FINISH: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr = 1,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """Stage 1 of both RMU terms, grid (n_total,): programs [0, n_forget) take the forget rows,
-    the rest the retain rows. With FUSED_FINISH, also stage 2 in the last program."""
+    the rest the retain rows. With FUSED_FINISH, also stage 2 in the last program. ROWS > 1:
+    grid (cdiv(n_forget, ROWS) + cdiv(n_total - n_forget, ROWS),), ROWS rows per program,
+    still one partial per row (the retain rows' from n_forget on)."""
+    if LAUNCH_DEPENDENTS:
+        tlcuda.gdc_launch_dependents()
     pid = tl.program_id(0)
-    if pid < n_forget:
-        s = _mse_row(
-            pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
-            fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
-            F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, BLOCK_D,
+    if ROWS > 1:
+        f_progs = (n_forget + ROWS - 1) // ROWS
+        if pid < f_progs:
+            s, rows, exists = _mse_rows(
+                pid * ROWS, n_forget, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd,
+                fs_ptr, fs_sb, fs_st, fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
+                F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, ROWS, BLOCK_D,
+            )  # fmt: skip
+            idx = rows
+        else:
+            s, rows, exists = _mse_rows(
+                (pid - f_progs) * ROWS, n_total - n_forget, rh_ptr, rh_sb, rh_st, rh_sd,
+                rt_ptr, rt_sb, rt_st, rt_sd, rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr,
+                rT, rD, r_grad_scale,
+                R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, ROWS, BLOCK_D,
+            )  # fmt: skip
+            idx = rows + n_forget
+        _emit_partials(
+            part_ptr, s, idx, exists, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul,
+            out_ptr, FUSED_FINISH, FINISH_BLOCK,
         )  # fmt: skip
     else:
-        s = _mse_row(
-            pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
-            rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
-            R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
+        if pid < n_forget:
+            s = _mse_row(
+                pid, fh_ptr, fh_sb, fh_st, fh_sd, ft_ptr, ft_sb, ft_st, ft_sd, fs_ptr, fs_sb, fs_st,
+                fm_ptr, fm_sb, fm_st, fg_ptr, fT, fD, f_grad_scale,
+                F_HAS_MASK, F_TARGET_INT8, F_WRITE_GRAD, F_MANUAL_BF16, BLOCK_D,
+            )  # fmt: skip
+        else:
+            s = _mse_row(
+                pid - n_forget, rh_ptr, rh_sb, rh_st, rh_sd, rt_ptr, rt_sb, rt_st, rt_sd,
+                rs_ptr, rs_sb, rs_st, rm_ptr, rm_sb, rm_st, rg_ptr, rT, rD, r_grad_scale,
+                R_HAS_MASK, R_TARGET_INT8, R_WRITE_GRAD, R_MANUAL_BF16, BLOCK_D,
+            )  # fmt: skip
+        _emit_partial(
+            part_ptr, s, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul, out_ptr,
+            FUSED_FINISH, FINISH_BLOCK,
         )  # fmt: skip
-    _emit_partial(
-        part_ptr, s, cnt_ptr, n_forget, n_total, f_loss_mul, r_loss_mul, out_ptr,
-        FUSED_FINISH, FINISH_BLOCK,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -274,8 +382,13 @@ def _sum_partials(
 
 
 @triton.jit
-def _finish_kernel(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr):
-    """Stage 2 as its own one-program launch (the default)."""
+def _finish_kernel(
+    part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK: tl.constexpr, WAIT: tl.constexpr = False
+):
+    """Stage 2 as its own one-program launch (the default). WAIT: launched with programmatic
+    dependent launch, so first wait until stage 1 has finished and its partials are visible."""
+    if WAIT:
+        tlcuda.gdc_wait()
     _sum_partials(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, BLOCK, "")
 
 
@@ -315,9 +428,18 @@ def _last_program_finishes(
     """
     pid = tl.program_id(0)
     tl.store(part_ptr + pid, s)
+    _ticket_finish(part_ptr, cnt_ptr, n_total, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK)
+
+
+@triton.jit
+def _ticket_finish(
+    part_ptr, cnt_ptr, n_progs, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK: tl.constexpr
+):
+    """The ticket of `_last_program_finishes` (this program's partials already stored): the
+    program that draws ticket n_progs - 1 sums part[0..n_total) and resets the counter."""
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_total - 1:
+    if ticket == n_progs - 1:
         tl.debug_barrier()
         _sum_partials(part_ptr, n_a, n_total, mul_a, mul_b, out_ptr, FINISH_BLOCK, ".cg")
         tl.store(cnt_ptr, 0)
@@ -346,6 +468,31 @@ def _emit_partial(
 
 
 @triton.jit
+def _emit_partials(
+    part_ptr,
+    s,
+    idx,
+    exists,
+    cnt_ptr,
+    n_a,
+    n_total,
+    mul_a,
+    mul_b,
+    out_ptr,
+    FUSED_FINISH: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
+    """`_emit_partial` for a program of ROWS rows: part[idx] = s where the row exists; with
+    FUSED_FINISH the last of the grid's programs (not rows) runs stage 2."""
+    tl.store(part_ptr + idx, s, mask=exists)
+    if FUSED_FINISH:
+        _ticket_finish(
+            part_ptr, cnt_ptr, tl.num_programs(0), n_a, n_total, mul_a, mul_b, out_ptr,
+            FINISH_BLOCK,
+        )  # fmt: skip
+
+
+@triton.jit
 def _rescale_kernel(
     a_ptr,
     b_ptr,
@@ -356,24 +503,63 @@ def _rescale_kernel(
     A_MANUAL_BF16: tl.constexpr,
     B_MANUAL_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
+    GRID_STRIDE: tl.constexpr = False,
 ):
-    """a *= f and b *= f in place (programs [0, blocks_a) take a); nothing when f == 1."""
+    """a *= f and b *= f in place (blocks [0, blocks_a) of BLOCK elements are a's); nothing
+    when f == 1. One program per block, or (GRID_STRIDE) a smaller grid whose programs loop
+    over the blocks: then the usual f == 1 case launches a few hundred programs that exit at
+    once instead of one per block."""
     f = tl.load(f_ptr)
     if f != 1.0:
-        pid = tl.program_id(0)
-        if pid < blocks_a:
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(a_ptr + offs, mask=offs < na, other=0.0).to(tl.float32)
-            y = _cast_out(x * f, a_ptr.dtype.element_ty, A_MANUAL_BF16)
-            tl.store(a_ptr + offs, y, mask=offs < na)
+        if GRID_STRIDE:
+            n_blocks = blocks_a + tl.cdiv(nb, BLOCK)
+            for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+                _rescale_block(
+                    blk, a_ptr, b_ptr, f, na, nb, blocks_a, A_MANUAL_BF16, B_MANUAL_BF16, BLOCK
+                )
         else:
-            offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(b_ptr + offs, mask=offs < nb, other=0.0).to(tl.float32)
-            y = _cast_out(x * f, b_ptr.dtype.element_ty, B_MANUAL_BF16)
-            tl.store(b_ptr + offs, y, mask=offs < nb)
+            _rescale_block(
+                tl.program_id(0), a_ptr, b_ptr, f, na, nb, blocks_a, A_MANUAL_BF16,
+                B_MANUAL_BF16, BLOCK,
+            )  # fmt: skip
+
+
+@triton.jit
+def _rescale_block(
+    pid,
+    a_ptr,
+    b_ptr,
+    f,
+    na,
+    nb,
+    blocks_a,
+    A_MANUAL_BF16: tl.constexpr,
+    B_MANUAL_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if pid < blocks_a:
+        offs = tl.cast(pid, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(a_ptr + offs, mask=offs < na, other=0.0).to(tl.float32)
+        y = _cast_out(x * f, a_ptr.dtype.element_ty, A_MANUAL_BF16)
+        tl.store(a_ptr + offs, y, mask=offs < na)
+    else:
+        offs = tl.cast(pid - blocks_a, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(b_ptr + offs, mask=offs < nb, other=0.0).to(tl.float32)
+        y = _cast_out(x * f, b_ptr.dtype.element_ty, B_MANUAL_BF16)
+        tl.store(b_ptr + offs, y, mask=offs < nb)
 
 
 # --- host side ---------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr_functions since triton 3.5: about 2 us per
+    # host call (argument unwrapping), 4 calls per forward + backward; these are plain ints
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def block_settings(D: int) -> tuple[int, int]:
@@ -382,9 +568,73 @@ def block_settings(D: int) -> tuple[int, int]:
     reached 2.9 TB/s; at (4, 768, 4096) blocks of 1024-2048 with 4 warps beat 4096 x 8 (more
     programs resident per SM). With this setting the whole forward + backward takes 33 us of
     GPU time there (2.3 TB/s effective)."""
-    block = min(triton.next_power_of_2(D), MAX_BLOCK_D)
+    block = min(_next_pow2(D), MAX_BLOCK_D)
     num_warps = 4 if block >= 1024 else (2 if block >= 256 else 1)
     return block, num_warps
+
+
+CONFIG_ENV = "WMDP_FAST_RMU_MSE_CONFIG"
+_CONFIG_KEYS = {
+    "block": (16, 16384),
+    "warps": (1, 16),
+    "rows": (1, 64),
+    "pdl": (0, 1),
+    "rprogs": (0, 1 << 20),
+}
+POW2_KEYS = ("block", "warps", "rows")
+_parsed_configs: dict[str, dict] = {}
+
+
+def _parse_config(value: str) -> dict:
+    """'block=2048,warps=4,rows=2,pdl=1' (any subset) -> {key: int}; ConfigError if malformed."""
+    cfg = _parsed_configs.get(value)
+    if cfg is not None:
+        return cfg
+    cfg = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        key, _, num = item.partition("=")
+        key = key.strip()
+        lo, hi = _CONFIG_KEYS.get(key, (None, None))
+        try:
+            v = int(num)
+        except ValueError:
+            v = None
+        pow2 = v is not None and v > 0 and v & (v - 1) == 0
+        if lo is None or v is None or not lo <= v <= hi or (key in POW2_KEYS and not pow2):
+            raise ConfigError(
+                f"{CONFIG_ENV}={value!r}: bad entry {item!r}; expected comma-separated "
+                "block=<power of 2, 16..16384>, warps=<1|2|4|8|16>, rows=<power of 2, 1..64>, "
+                "pdl=<0|1>, rprogs=<programs of the backward's rescale, 0: one per block>, "
+                "e.g. 'block=2048,warps=4,rows=2' (unset: the defaults)"
+            )
+        cfg[key] = v
+    _parsed_configs[value] = cfg
+    return cfg
+
+
+def _env_config() -> dict:
+    value = os.environ.get(CONFIG_ENV, "").strip()
+    return _parse_config(value) if value else {}
+
+
+def launch_config(D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_D, num_warps, ROWS, pdl) for rows of D elements. Default (WMDP_FAST_RMU_MSE_CONFIG
+    unset or empty): `block_settings(D)`, one row per program, no programmatic dependent launch.
+    The variable (read at every call, for benchmarks/bench_rmu_mse_tune.py) overrides any of:
+    block (BLOCK_D, at most next_power_of_2(D)), warps, rows (positions per program: a
+    [rows, BLOCK_D] tile), pdl=1 (the finish kernel is launched with programmatic dependent
+    launch, so its launch overlaps stage 1's tail; sm_90+, compiled GPU only); and for the
+    backward's `rescale_`, rprogs=N (a grid of at most N programs looping over the blocks;
+    0, the default: one program per block). Every setting
+    gives the same gradient bits and a deterministic loss (one partial per position, summed in
+    the same order); only the per-position sums' internal order may differ."""
+    block, warps = block_settings(D)
+    cfg = _env_config()
+    if not cfg:
+        return block, warps, 1, False
+    block = min(cfg.get("block", block), _next_pow2(D))
+    pdl = bool(cfg.get("pdl", 0)) and not INTERPRETED
+    return block, cfg.get("warps", warps), cfg.get("rows", 1), pdl
 
 
 def _launch_ctx():
@@ -469,11 +719,14 @@ class _Term:
         return [self.has_mask, self.int8, self.write_grad, manual_bf16]
 
 
-def _finish(partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float) -> torch.Tensor:
+def _finish(
+    partials: torch.Tensor, n_a: int, mul_a: float, mul_b: float, pdl: bool = False
+) -> torch.Tensor:
     out = torch.empty(3, dtype=torch.float32, device=partials.device)
+    extra = {"WAIT": True, "launch_pdl": True} if pdl else {}
     _finish_kernel[(1,)](
         partials, n_a, partials.numel(), mul_a, mul_b, out, BLOCK=FINISH_BLOCK,
-        num_warps=FINISH_WARPS,
+        num_warps=FINISH_WARPS, **extra,
     )  # fmt: skip
     return out
 
@@ -564,40 +817,55 @@ def mse_forward(hidden, target, mask, scale, count, write_grad):
     return term_forward(_Term(hidden, target, mask, count, scale, write_grad))
 
 
+def _variant(rows: int, pdl: bool) -> dict:
+    """The stage-1 kernel's extra constexprs: none for the default (so its launch, and its
+    compiled code, are those of the kernel before these options existed)."""
+    extra = {}
+    if rows != 1:
+        extra["ROWS"] = rows
+    if pdl:
+        extra["LAUNCH_DEPENDENTS"] = True
+    return extra
+
+
 def term_forward(term: _Term):
     """mse_forward for a prepared term."""
     hidden, write_grad = term.hidden, term.write_grad
-    block, num_warps = block_settings(term.D)
+    block, num_warps, rows, pdl = launch_config(term.D)
     partials = torch.empty(term.n_rows, dtype=torch.float32, device=hidden.device)
     with _fused_finish_counter(hidden.device) as counter, _launch_ctx():
         fused = counter is not None
         out = torch.empty(3, dtype=torch.float32, device=hidden.device) if fused else partials
-        _rmu_mse_kernel[(term.n_rows,)](
+        extra = _variant(rows, pdl and not fused)
+        _rmu_mse_kernel[(_cdiv(term.n_rows, rows),)](
             partials, counter if fused else partials, out, term.n_rows, term.loss_mul,
             *term.args(), *term.flags(), BLOCK_D=block, FUSED_FINISH=fused,
-            FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+            FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps, **extra,
         )  # fmt: skip
         if not fused:
-            out = _finish(partials, term.n_rows, term.loss_mul, 0.0)
+            out = _finish(partials, term.n_rows, term.loss_mul, 0.0, pdl)
     return out[1], (term.grad if write_grad else None)
 
 
 def loss_forward(fterm: _Term, rterm: _Term):
     """Both RMU terms in one stage-1 launch: (out [total, forget, retain], grad_f, grad_r)."""
-    block, num_warps = block_settings(max(fterm.D, rterm.D))
+    block, num_warps, rows, pdl = launch_config(max(fterm.D, rterm.D))
     n = fterm.n_rows + rterm.n_rows
     device = fterm.hidden.device
     partials = torch.empty(n, dtype=torch.float32, device=device)
     with _fused_finish_counter(device) as counter, _launch_ctx():
         fused = counter is not None
         out = torch.empty(3, dtype=torch.float32, device=device) if fused else partials
-        _rmu_loss_kernel[(n,)](
+        extra = _variant(rows, pdl and not fused)
+        grid = _cdiv(fterm.n_rows, rows) + _cdiv(rterm.n_rows, rows)
+        _rmu_loss_kernel[(grid,)](
             partials, counter if fused else partials, out, n, fterm.loss_mul, rterm.loss_mul,
             fterm.n_rows, *fterm.args(), *rterm.args(), *fterm.flags(), *rterm.flags(),
             BLOCK_D=block, FUSED_FINISH=fused, FINISH_BLOCK=FINISH_BLOCK, num_warps=num_warps,
+            **extra,
         )  # fmt: skip
         if not fused:
-            out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul)
+            out = _finish(partials, fterm.n_rows, fterm.loss_mul, rterm.loss_mul, pdl)
     return out, fterm.grad, rterm.grad
 
 
@@ -610,13 +878,15 @@ def rescale_(grads: list, grad_output: torch.Tensor) -> None:
     ga = grads[0]
     gb = grads[1] if len(grads) > 1 else ga  # ga again as a placeholder, 0 elements taken
     na, nb = ga.numel(), (gb.numel() if len(grads) > 1 else 0)
-    ba, bb = triton.cdiv(na, RESCALE_BLOCK), triton.cdiv(nb, RESCALE_BLOCK)
+    ba, bb = _cdiv(na, RESCALE_BLOCK), _cdiv(nb, RESCALE_BLOCK)
+    progs = _env_config().get("rprogs", 0)
+    extra = {"GRID_STRIDE": True} if 0 < progs < ba + bb else {}
     with _launch_ctx():
-        _rescale_kernel[(ba + bb,)](
+        _rescale_kernel[(progs if extra else ba + bb,)](
             ga, gb, factor, na, nb, ba,
             A_MANUAL_BF16=INTERPRETED and ga.dtype == torch.bfloat16,
             B_MANUAL_BF16=INTERPRETED and gb.dtype == torch.bfloat16,
-            BLOCK=RESCALE_BLOCK, num_warps=8,
+            BLOCK=RESCALE_BLOCK, num_warps=8, **extra,
         )  # fmt: skip
 
 

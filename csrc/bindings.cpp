@@ -3,10 +3,10 @@
 // direct call of wmdp_fast._C raises instead of reading or writing outside the tensors:
 // - here, for every device: tensor kinds, dtypes, dimensions, devices and sizes (ValueError);
 // - in gather_logprobs_cpu.cpp: every row, target and offset value (range, monotonicity);
-// - on CUDA the VALUES are NOT checked (that would cost a device-to-host sync per call, and a
-//   throw from the nvcc-compiled file crashed the process): wmdp_fast.ops.gather_logprobs checks
-//   them with one sync before it calls _C; a direct CUDA call with out-of-range values is
-//   undefined behaviour (an illegal memory access, or garbage).
+// - on CUDA, every value is checked by the kernels as they run (a bad one is never used as an
+//   address) and read back with the bad-row flags after the launch, the call's only device sync;
+//   check_gather_values then raises the same ValueError wmdp_fast.ops raises on the CPU (a
+//   throw from the nvcc-compiled file crashed the process, so it is raised here).
 #include <torch/extension.h>
 
 #include <cstdlib>
@@ -19,10 +19,10 @@ namespace {
 // the environment on every call, so a benchmark or test can switch it without reloading _C.
 int gather_cuda_variant() {
   const char* env = std::getenv("WMDP_FAST_GATHER_CUDA_VARIANT");
-  if (env == nullptr || env[0] == '\0') return 1;
+  if (env == nullptr || env[0] == '\0') return 3;
   const std::string v(env);
   TORCH_CHECK(v == "1" || v == "2" || v == "3" || v == "4",
-              "WMDP_FAST_GATHER_CUDA_VARIANT must be 1 (the default), 2, 3 or 4, got '", v,
+              "WMDP_FAST_GATHER_CUDA_VARIANT must be 1, 2, 3 (the default) or 4, got '", v,
               "': unset it or pick one of those (csrc/gather_logprobs_cuda.cu describes them)");
   return v[0] - '0';
 }
@@ -57,6 +57,35 @@ void check_gather_args(const at::Tensor& logits, const at::Tensor& row_index,
                     "gather_logprobs: request_offsets must hold N+1 >= 1 entries");
 }
 
+// The value checks of wmdp_fast.ops, in its order and with its messages (first/last offset,
+// monotonicity, row range, target range), as ATen ops on the tensors' device: the error path of
+// a CUDA call whose kernels flagged an argument (the syncs of .item() are paid only there).
+// Bound as check_gather_values, so the CPU tests compare these messages with ops'.
+void check_gather_values(const at::Tensor& logits, const at::Tensor& row_index,
+                         const at::Tensor& target, const at::Tensor& off) {
+  check_gather_args(logits, row_index, target, off);
+  const int64_t R = logits.size(0), V = logits.size(1), M = row_index.numel();
+  const int64_t first = off[0].item<int64_t>(), last = off[-1].item<int64_t>();
+  TORCH_CHECK_VALUE(first == 0 && last == M, "gather_logprobs: request_offsets must start at 0 ",
+                    "and end at M=", M, ", got ", first, "..", last);
+  if (off.numel() > 1) {
+    auto dec = (off.slice(0, 1) < off.slice(0, 0, -1)).nonzero();
+    if (dec.size(0) > 0) {
+      const int64_t i = dec[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "gather_logprobs: request_offsets must be non-decreasing (entry ",
+                        i + 1, " < entry ", i, ")");
+    }
+  }
+  if (M > 0) {
+    const int64_t rlo = row_index.min().item<int64_t>(), rhi = row_index.max().item<int64_t>();
+    TORCH_CHECK_VALUE(rlo >= 0 && rhi < R, "gather_logprobs: row_index out of range [0, ", R,
+                      "): min ", rlo, ", max ", rhi);
+    const int64_t tlo = target.min().item<int64_t>(), thi = target.max().item<int64_t>();
+    TORCH_CHECK_VALUE(tlo >= 0 && thi < V, "gather_logprobs: target id out of range [0, ", V,
+                      "): min ", tlo, ", max ", thi);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_logprobs(const at::Tensor& logits, const at::Tensor& row_index,
                                                    const at::Tensor& target,
                                                    const at::Tensor& request_offsets) {
@@ -65,8 +94,14 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs(const at::Tensor& logits, con
 #ifdef WMDP_FAST_WITH_CUDA
     TORCH_CHECK_VALUE(logits.size(0) < INT32_MAX, "gather_logprobs (CUDA): at most 2^31-1 rows");
     const int variant = gather_cuda_variant();
-    int64_t bad_row = -1;
-    auto out = gather_logprobs_cuda(logits, row_index, target, request_offsets, variant, &bad_row);
+    GatherCudaFlags flags;
+    auto out = gather_logprobs_cuda(logits, row_index, target, request_offsets, variant, &flags);
+    if (flags.args != 0) {
+      check_gather_values(logits, row_index, target, request_offsets);
+      TORCH_CHECK(false, "gather_logprobs (CUDA): the kernels flagged invalid arguments (bits ",
+                  flags.args, ") that a recheck does not find; please report this with the inputs");
+    }
+    const int64_t bad_row = flags.bad_row;
     TORCH_CHECK(bad_row < 0, "logits row ", bad_row,
                 " contains NaN or +inf, or is entirely -inf: its log-softmax is undefined");
     return out;
@@ -95,7 +130,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("row_index"), pybind11::arg("target"),
         pybind11::arg("request_offsets"));
   m.def("row_stats_cpu", &row_stats_cpu, "log-sum-exp and first argmax of the given rows (CPU)");
+  m.def("check_gather_values", &check_gather_values,
+        "the ValueError the CUDA path raises for bad row / target / offset values (any device; "
+        "syncs: it is the error path)",
+        pybind11::arg("logits"), pybind11::arg("row_index"), pybind11::arg("target"),
+        pybind11::arg("request_offsets"));
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
   m.def("gather_cuda_variant", &gather_cuda_variant,
-        "the row_stats kernel variant (1-4) WMDP_FAST_GATHER_CUDA_VARIANT selects for CUDA logits");
+        "the row_stats kernel variant (1-4, default 3) WMDP_FAST_GATHER_CUDA_VARIANT selects "
+        "for CUDA logits");
 }

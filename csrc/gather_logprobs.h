@@ -18,12 +18,25 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_cpu(const at::Tensor& logits,
                                                        const at::Tensor& request_offsets);
 
 #ifdef WMDP_FAST_WITH_CUDA
-// Sets *bad_row to the smallest row holding NaN/+inf or only -inf (else -1); never throws on data
-// (the caller in bindings.cpp raises: see the note in gather_logprobs_cuda.cu). `variant` picks
-// the row_stats kernel (1-4, described in gather_logprobs_cuda.cu; the caller checks the range).
+// Bits of GatherCudaFlags::args: which kind of argument value the CUDA path found invalid.
+constexpr int GATHER_ARG_ROW_INDEX = 1;  // a row outside [0, R)
+constexpr int GATHER_ARG_TARGET = 2;     // a target outside [0, V)
+constexpr int GATHER_ARG_OFFSETS = 4;    // offsets not 0 ... M, or decreasing
+
+// What the CUDA path read back after its launches (its only device sync).
+struct GatherCudaFlags {
+  int args = 0;          // GATHER_ARG_* bits (0: every value valid); -1: internal error
+  int64_t bad_row = -1;  // the smallest row holding NaN/+inf or only -inf, else -1
+};
+
+// Never throws on data: every row / target / offset value is checked by the kernels (a bad value
+// is never used as an address) and reported in *flags with the bad rows; the caller in
+// bindings.cpp raises (see the note in gather_logprobs_cuda.cu). The outputs are valid only when
+// flags->args == 0 and flags->bad_row < 0. `variant` picks the row_stats kernel (1-4, described
+// in gather_logprobs_cuda.cu; the caller checks the range).
 std::tuple<at::Tensor, at::Tensor> gather_logprobs_cuda(const at::Tensor& logits,
                                                         const at::Tensor& row_index,
                                                         const at::Tensor& target,
                                                         const at::Tensor& request_offsets,
-                                                        int variant, int64_t* bad_row);
+                                                        int variant, GatherCudaFlags* flags);
 #endif

@@ -233,6 +233,149 @@ def test_bad_arguments_name_the_argument(make, match):
         ops.gather_logprobs(*make(L))
 
 
+def _bad_value_cases() -> list[tuple[str, tuple]]:
+    """(name, CPU arguments) with malformed row / target / offset VALUES: on CUDA the kernels
+    find these (each would be an address there), and csrc/bindings.cpp's check_gather_values
+    must then raise what wmdp_fast.ops' own checks raise on the CPU. Row 3 holds a NaN: the
+    argument error comes first."""
+    L = torch.randn(4, 1000)
+    L[3, 5] = float("nan")
+    ri, tg, off = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4]), torch.arange(5)
+    T = torch.tensor
+    big = 10**12
+    return [
+        ("row past R", (L, ri + 100, tg, off)),
+        ("negative row", (L, ri - 1, tg, off)),
+        ("row far past R", (L, T([0, big, 2, 3]), tg, off)),
+        ("row far below 0", (L, T([0, 1, -big, 3]), tg, off)),
+        ("target past V", (L, ri, tg + 1000, off)),
+        ("negative target", (L, ri, tg - 2, off)),
+        ("target far past V", (L, ri, T([1, big, 3, 4]), off)),
+        ("row and target bad", (L, ri + 4, tg - 5, off)),
+        ("offsets decreasing", (L, ri, tg, T([0, 3, 2, 4]))),
+        ("offsets decreasing twice", (L, ri, tg, T([0, 3, 2, 4, 1, 4]))),
+        ("offset far past M inside", (L, ri, tg, T([0, big, 4]))),
+        ("negative offset", (L, ri, tg, T([0, -3, 4]))),
+        ("offsets end short", (L, ri, tg, T([0, 2, 3]))),
+        ("offsets end past M", (L, ri, tg, T([0, 1, 2, 3, big]))),
+        ("offsets not from 0", (L, ri, tg, T([1, 2, 3, 4, 4]))),
+        ("offsets and rows bad", (L, ri + 9, tg, T([0, 2, 1, 4]))),
+        ("no pairs, offsets past 0", (L, ri[:0], tg[:0], T([0, 1]))),
+        ("no rows at all", (L[:0], ri, tg, off)),
+        ("empty vocabulary", (L[:, :0], ri, tg, off)),
+    ]
+
+
+def _value_error(fn, args) -> str:
+    with pytest.raises(ValueError) as exc:
+        fn(*args)
+    return str(exc.value)
+
+
+def test_device_value_checks_say_what_ops_says():
+    """The messages the CUDA path raises for bad values (check_gather_values in bindings.cpp, run
+    on the CPU here: plain ATen ops) are ops' CPU messages, character for character, and in the
+    same order of precedence; valid arguments pass."""
+    C = _ext.load_C()
+    if C is None:
+        pytest.skip(f"wmdp_fast._C not built: {_ext.load_error()}")
+    seen = set()
+    for name, args in _bad_value_cases():
+        want = _value_error(ops.gather_logprobs, args)
+        assert _value_error(C.check_gather_values, args) == want, name
+        seen.add(want.split(":")[1].split(" must")[0].split(" out")[0].strip())
+    assert seen == {"request_offsets", "row_index", "target id"}
+    L = torch.randn(4, 1000)
+    C.check_gather_values(L, torch.tensor([3, 0]), torch.tensor([999, 0]), torch.tensor([0, 0, 2]))
+    C.check_gather_values(
+        L,
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(3, dtype=torch.long),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+def test_cuda_bad_values_raise_the_cpu_error(variant, monkeypatch):
+    """Bad row / target / offset values on CUDA, checked by the kernels with no sync before the
+    launch: wmdp_fast.ops and the raw _C call raise ops' CPU message, no kernel reads or writes
+    out of bounds (values up to 1e12; an illegal address would poison the context and fail
+    every later CUDA call), and the next valid call is right."""
+    monkeypatch.setenv(VARIANT_ENV, str(variant))
+    C = _ext.load_C()
+    for name, args in _bad_value_cases():
+        want = _value_error(ops.gather_logprobs, args)
+        cuda_args = tuple(a.cuda() for a in args)
+        assert _value_error(ops.gather_logprobs, cuda_args) == want, name
+        assert _value_error(C.gather_logprobs, cuda_args) == want, name
+    torch.cuda.synchronize()  # raises if any launch above faulted
+    L = torch.randn(4, 1000, device="cuda")
+    ri, tg = torch.tensor([3, 0, 3], device="cuda"), torch.tensor([999, 0, 7], device="cuda")
+    ll, _ = ops.gather_logprobs(L, ri, tg, torch.tensor([0, 2, 2, 3], device="cuda"))
+    lp = torch.log_softmax(L.double(), -1)[ri, tg]
+    want = torch.stack([lp[0] + lp[1], lp.new_zeros(()), lp[2]]).float()
+    torch.testing.assert_close(ll, want, atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_choice_ids_out_of_range_name_choice_ids():
+    """choice_logprobs on CUDA leaves the id range to the kernels (no sync before the launch)
+    and still raises its own ConfigError, the CPU message."""
+    from wmdp_fast.errors import ConfigError
+
+    L = torch.randn(4, 100)
+    for ids in (torch.tensor([3, 9, 100, 99]), torch.tensor([[1, -7]] * 4)):
+        with pytest.raises(ConfigError) as cpu:
+            ops.choice_logprobs(L, ids)
+        for dev_ids in (ids.cuda(), ids):  # ids on the GPU or left on the CPU
+            with pytest.raises(ConfigError) as gpu:
+                ops.choice_logprobs(L.cuda(), dev_ids)
+            assert str(gpu.value) == str(cpu.value)
+            assert gpu.value.__cause__ is None and gpu.value.__suppress_context__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+def test_cuda_call_syncs_once_after_its_launches(variant, monkeypatch):
+    """The host path of a CUDA call (bench-gather's whole op): every kernel is queued before
+    the call's only device-to-host copy (the flags), so the GPU never idles while the host
+    validates. The CUDA runtime calls made inside the op come from the profiler (CUPTI)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    monkeypatch.setenv(VARIANT_ENV, str(variant))
+    logits = torch.randn(64, 5000, device="cuda", dtype=torch.bfloat16)
+    args = (
+        logits,
+        torch.arange(64, device="cuda").repeat_interleave(4),
+        torch.randint(0, 5000, (256,), device="cuda"),
+        torch.arange(257, device="cuda"),
+    )
+    ops.gather_logprobs(*args)  # warm-up: allocator blocks, module loads
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("the_gather_call"):
+            ops.gather_logprobs(*args)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CPU]
+    (call,) = [e for e in events if e.name == "the_gather_call"]
+    lo, hi = call.time_range.start, call.time_range.end
+    runtime = sorted(
+        (e for e in events if e.name.startswith("cuda") and lo <= e.time_range.start <= hi),
+        key=lambda e: e.time_range.start,
+    )
+    names = [e.name for e in runtime]
+    launches = [i for i, n in enumerate(names) if "LaunchKernel" in n]
+    syncs = [i for i, n in enumerate(names) if "Memcpy" in n or "Synchronize" in n]
+    if not launches:
+        pytest.skip(f"the profiler recorded no CUDA runtime calls here: {names}")
+    # check_mark, row_stats, finish (and the fill of the row map and flags, unless a memset)
+    assert len(launches) >= 3, names
+    assert len([n for n in names if "Memcpy" in n]) == 1, names
+    assert syncs and min(syncs) > max(launches), names
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("which", ["row_index", "target", "request_offsets"])
 def test_device_mismatch_names_the_argument(which):
@@ -393,15 +536,17 @@ def test_cuda_variant_is_read_from_the_environment(monkeypatch):
     if C is None:
         pytest.skip(f"wmdp_fast._C not built: {_ext.load_error()}")
     monkeypatch.delenv(VARIANT_ENV, raising=False)
-    assert C.gather_cuda_variant() == 1
+    assert C.gather_cuda_variant() == 3  # the default: fastest on an H200 (bench-gather, session 6)
     monkeypatch.setenv(VARIANT_ENV, "")
-    assert C.gather_cuda_variant() == 1
+    assert C.gather_cuda_variant() == 3
     for v in CUDA_VARIANTS:
         monkeypatch.setenv(VARIANT_ENV, str(v))
         assert C.gather_cuda_variant() == v
     for bad in ("0", "5", "2 ", "12", "v2"):
         monkeypatch.setenv(VARIANT_ENV, bad)
-        with pytest.raises(RuntimeError, match=f"{VARIANT_ENV} must be 1 .*got '{bad}'"):
+        with pytest.raises(
+            RuntimeError, match=rf"{VARIANT_ENV} must be 1, 2, 3 \(the default\) or 4, got '{bad}'"
+        ):
             C.gather_cuda_variant()
 
 
@@ -445,7 +590,7 @@ def test_row_stats_kernel_names_are_parsed():
             ns + "row_stats_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long, long, ...)",
             ns + "row_stats_v2_kernel<float, 4, 32>(float const*, long, long, long, ...)",
             ns + "row_stats_v2_kernel<__half, 8, 256>(__half const*, long, long, long, ...)",
-            ns + "mark_kernel(long const*, long, unsigned char*, int*)",
+            ns + "check_mark_kernel(long const*, long const*, long, long const*, long, ...)",
             ns + "finish_kernel<float>(float const*, long, ...)",
         ]
     ) == {"v1", (4, 32), (8, 256)}
@@ -743,8 +888,8 @@ def test_raw_extension_raises_instead_of_crashing():
 
 @pytest.mark.gpu
 def test_raw_cuda_call_checks_kinds_devices_and_sizes():
-    """bindings.cpp's checks run before any CUDA launch (the VALUES are not checked on the
-    device: wmdp_fast.ops does that)."""
+    """bindings.cpp's checks run before any CUDA launch (the VALUES are checked by the kernels:
+    test_cuda_bad_values_raise_the_cpu_error)."""
     C = _ext.load_C()
     L = torch.randn(4, 100, device="cuda")
     ri, tg, off = (t.cuda() for t in (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.arange(3)))

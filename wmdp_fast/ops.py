@@ -72,6 +72,17 @@ def _check_gather_args(
         )
     if request_offsets.numel() < 1:
         raise ValueError("gather_logprobs: request_offsets must hold N+1 >= 1 entries")
+
+
+def _check_gather_values(
+    logits: torch.Tensor,
+    row_index: torch.Tensor,
+    target: torch.Tensor,
+    request_offsets: torch.Tensor,
+) -> None:
+    """Row / target ranges and offsets 0 ... M, non-decreasing (after `_check_gather_args`).
+    The CUDA kernels run the same checks on the device (csrc/bindings.cpp's check_gather_values
+    raises these messages from them), so CUDA calls skip this and its device sync."""
     R, V = logits.shape
     M = row_index.numel()
     off = request_offsets
@@ -218,10 +229,14 @@ def gather_logprobs(
 
     Each distinct row's log-sum-exp and argmax is computed once, in one streaming pass over V.
     Raises ValueError for malformed arguments and RuntimeError for a row containing NaN/+inf or
-    only -inf (naming the smallest such row id, on every device). The raw `wmdp_fast._C` call
-    checks argument values on the CPU only; on CUDA this function checks them first.
+    only -inf (naming the smallest such row id, on every device). On CUDA the row, target and
+    offset values are checked by the kernels themselves and read back with the bad-row flags
+    after the launch: one device sync per call, after the work is queued, none before.
     """
     _check_gather_args(logits, row_index, target, request_offsets)
+    if logits.device.type == "cuda" and backend_of("gather_logprobs", logits.device) == "cuda":
+        return load_C().gather_logprobs(logits, row_index, target, request_offsets)
+    _check_gather_values(logits, row_index, target, request_offsets)
     n = request_offsets.numel() - 1
     if n == 0 or row_index.numel() == 0:
         return reference.gather_logprobs(logits, row_index, target, request_offsets)
@@ -276,17 +291,31 @@ def choice_logprobs(logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.Ten
             f"{op}: choice_ids must be [N={N}, K] or [K] (logits is {tuple(logits.shape)}), got "
             f"{tuple(choice_ids.shape)}"
         )
-    if choice_ids.numel():
-        lo, hi = torch.stack([choice_ids.min(), choice_ids.max()]).tolist()  # one read
-        if lo < 0 or hi >= V:
-            raise ConfigError(
-                f"{op}: choice_ids out of range [0, {V}) (logits' last dimension): min {lo}, "
-                f"max {hi}; are they token ids of this model's tokenizer?"
-            )
+
+    def range_error() -> ConfigError | None:
+        if choice_ids.numel():
+            lo, hi = torch.stack([choice_ids.min(), choice_ids.max()]).tolist()  # one read
+            if lo < 0 or hi >= V:
+                return ConfigError(
+                    f"{op}: choice_ids out of range [0, {V}) (logits' last dimension): min "
+                    f"{lo}, max {hi}; are they token ids of this model's tokenizer?"
+                )
+        return None
+
     K = ids.shape[1]
+    # The CUDA kernels check the ids as targets with no sync before the launch; their error is
+    # renamed after choice_ids below. Elsewhere (or with no pair to score) check first.
+    on_device = logits.device.type == "cuda" and backend_of(op, logits.device) == "cuda"
+    if (not on_device or ids.numel() == 0) and (err := range_error()) is not None:
+        raise err
     row_index = torch.arange(N, device=logits.device).repeat_interleave(K)
     offsets = torch.arange(N * K + 1, device=logits.device)
-    loglik, _ = gather_logprobs(logits, row_index, ids.reshape(-1).contiguous(), offsets)
+    try:
+        loglik, _ = gather_logprobs(logits, row_index, ids.reshape(-1).contiguous(), offsets)
+    except ValueError:
+        if (err := range_error()) is None:
+            raise
+        raise err from None  # a target id out of range: say so about choice_ids
     return loglik.view(N, K)
 
 

@@ -27,6 +27,12 @@ int32 counter; the program that draws the last ticket runs stage 2's code (the s
 order) and puts the counter back to 0 for the next launch. See `_last_program_finishes` for why
 this is correct on the GPU and `_ticket_counter` for the counter's rules (one stream at a time).
 
+Opt-in launch configs (WMDP_FAST_RMU_MSE_CONFIG, read at every call; unset = the launches
+above): positions per program, block size, warps, programmatic dependent launch of the finish
+kernel, grid of the backward's rescale (`launch_config`). They exist so that
+benchmarks/bench_rmu_mse_tune.py can pick the defaults per shape class on a GPU; every config
+gives the default's gradient bits and a deterministic loss.
+
 Use these through `wmdp_fast.ops` (argument checks live there).
 """
 

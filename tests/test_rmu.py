@@ -720,7 +720,8 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
     """PublishedAdamW hands CUDA tensors (here: the interpreted kernel, forced) to
     ops.published_adamw_step, one call per step value, and the update stays the eager one's
     (the interpreter's numpy arithmetic is not nvcc's: close, not bitwise; bitwise on CUDA is
-    a GPU test in tests/test_kernels_adamw.py). Opt-in: WMDP_FAST_FUSED_ADAMW=1."""
+    a GPU test in tests/test_kernels_adamw.py). On by default for CUDA tensors only; on CPU
+    tensors (forced Triton) only with WMDP_FAST_FUSED_ADAMW=1."""
     from wmdp_fast import ops
     from wmdp_fast.rmu import PublishedAdamW
 
@@ -752,7 +753,15 @@ def test_published_adamw_fused_path_calls_the_op(monkeypatch):
         assert (q.detach() - p0).abs().max() > 1e-5  # moved
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-9)
     monkeypatch.delenv("WMDP_FAST_FUSED_ADAMW")
-    assert not PublishedAdamW(eager, lr=1e-3).fused  # off by default (not yet run on a GPU)
+    default = PublishedAdamW(eager, lr=1e-3)
+    assert default.fused == "cuda"  # CUDA tensors only: CPU ones (even forced) stay eager
+    calls.clear()
+    for q in eager:
+        q.grad = torch.ones_like(q) * 1e-6
+    default.step()
+    assert calls == []
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "0")
+    assert PublishedAdamW(eager, lr=1e-3).fused is False
 
 
 def test_resume_continues_the_random_stream_of_dropout(tmp_path):

@@ -251,14 +251,14 @@ def test_cuda_pinned_disk_cache_hit_trains_the_same(tmp_path, tiny):
 
 
 def test_cuda_opt_in_fused_paths_train_like_eager(tmp_path, tiny, monkeypatch):
-    """The two opt-in fused paths in a real run (WMDP_FAST_FUSED_ADAMW=1, --fused-layers on),
+    """The two fused paths in a real run (the AdamW step, on by default; --fused-layers on),
     bf16 on CUDA, against the same run without them: the fused AdamW step is meant to be
     bitwise; the fused layers round like eager but may contract multiply-adds, so the trained
     tensors and loss curves are compared at bf16 accuracy, and the modules must be patched."""
     model_dir, corpus = tiny
     kw = dict(max_num_batches=4, device="cuda", dtype="bfloat16")
-    # eager whatever the environment or a future default says
-    monkeypatch.delenv("WMDP_FAST_FUSED_ADAMW", raising=False)
+    # eager whatever the environment says (the fused AdamW is the default on CUDA)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "0")
     with kernel_calls(monkeypatch) as calls:
         eager = run_rmu(
             tiny_cfg(tmp_path / "a", model_dir, corpus, fused_layers="off", **kw), progress=False
@@ -283,8 +283,8 @@ def test_cuda_fused_adamw_alone_is_bitwise_the_eager_run(tmp_path, tiny, monkeyp
     train bitwise the same tensors (if not, see CONTRACT_DEFAULT in kernels/adamw.py)."""
     model_dir, corpus = tiny
     kw = dict(max_num_batches=4, device="cuda", dtype="bfloat16")
-    # eager whatever the environment says (exported =1, both runs would be fused: vacuous)
-    monkeypatch.delenv("WMDP_FAST_FUSED_ADAMW", raising=False)
+    # eager whatever the environment says (fused is the default on CUDA: =0 turns it off)
+    monkeypatch.setenv("WMDP_FAST_FUSED_ADAMW", "0")
     with math_attention():
         with kernel_calls(monkeypatch, ("adamw.adamw_step",)) as eager_calls:
             eager = run_rmu(tiny_cfg(tmp_path / "a", model_dir, corpus, **kw), progress=False)

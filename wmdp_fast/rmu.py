@@ -739,14 +739,19 @@ class PublishedAdamW(torch.optim.Optimizer):
     torch's AdamW instead adds eps to sqrt(v / (1 - b2^t)), an effective eps up to 1/sqrt(1 - b2)
     ~ 32x smaller; RMU gradients of a 7B model are near eps, so the steps differ several-fold.
     Same operations in the same order as the transformers source (bitwise the same update).
-    With `fused=True` or WMDP_FAST_FUSED_ADAMW=1, CUDA tensors take one Triton pass each
-    (`ops.published_adamw_step`), which rounds where PyTorch's CUDA kernels round; off by
-    default until a GPU run has checked it is bitwise the eager step (tests/test_kernels_adamw.py)
-    and faster (benchmarks/bench_rmu.py)."""
+    CUDA tensors take one Triton pass each (`ops.published_adamw_step`), which rounds where
+    PyTorch's CUDA kernels round: on an H200 (session 6) bitwise the eager step over a whole
+    run (tests/test_rmu_gpu.py) and 2.4x faster (0.67 vs 1.61 ms for Zephyr-7B's 3 down_proj
+    matrices; benchmarks/bench_adamw.py). `fused=None` (default): WMDP_FAST_FUSED_ADAMW=0 turns
+    it off, =1 also sends CPU tensors through it under WMDP_FAST_FORCE_TRITON=1 (tests);
+    `fused=False` is the eager step, `fused=True` as =1."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        self.fused = os.environ.get("WMDP_FAST_FUSED_ADAMW", "0") == "1" if fused is None else fused
+        if fused is None:
+            env = os.environ.get("WMDP_FAST_FUSED_ADAMW", "")
+            fused = False if env == "0" else (True if env == "1" else "cuda")
+        self.fused = fused  # True, False, or "cuda" (CUDA tensors only: the default)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -766,9 +771,10 @@ class PublishedAdamW(torch.optim.Optimizer):
                 # a plain int: a resumed tensor step would put the bias corrections in float32
                 t = state["step"] = int(state["step"]) + 1
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                forced = self.fused is True and os.environ.get("WMDP_FAST_FORCE_TRITON") == "1"
                 if (
                     self.fused
-                    and (p.is_cuda or os.environ.get("WMDP_FAST_FORCE_TRITON") == "1")
+                    and (p.is_cuda or forced)
                     and p.grad.dtype == p.dtype == exp_avg.dtype == exp_avg_sq.dtype
                 ):
                     lists = batched.setdefault(t, [[], [], [], []])
@@ -1142,8 +1148,18 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
     storage = choose_storage(cache_bytes)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     if split_bytes and cfg.first_layer_cache == "auto":
-        # an optimisation (the same numbers either way): only where the memory is there
-        if storage.type == "cpu":
+        # an optimisation (the same numbers either way): only where the memory is there, and
+        # never in pinned CPU memory for a CUDA run: on an H200 (session 6, Zephyr-7B, the
+        # published 150 steps, ~16 GiB of split batches) pinning and filling it cost more than
+        # the ~3 ms per step it saves: run_rmu 44.2 s with it vs 18.7 s without (cache_s
+        # 11.1 vs 3.4, targets_s 8.9 vs 0.5, train_s 11.3 vs 4.2 s); --first-layer-cache on
+        # still forces it
+        if storage.type == "cpu" and device.type == "cuda":
+            split_reason = (
+                f"its {split_bytes / 2**30:.1f} GiB would live in pinned CPU memory, which costs "
+                "more end to end than it saves per step (--first-layer-cache on forces it)"
+            )
+        elif storage.type == "cpu":
             avail = host_available_bytes()
             # besides it in CPU memory: the cache, the loaded layers (embeddings + layer_id + 1)
             layer_b, embed_b = _layer_and_embed_bytes(skeleton, dtype)

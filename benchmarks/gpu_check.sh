@@ -15,8 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 # The device tool returns at most 8 files from $OUT (16 MiB each): the per-step logs go to LOGS
-# and come back packed as $OUT/logs.tgz. $OUT then holds at most 6 files: summary.md, logs.tgz,
-# triton_cache.tgz, the two bench_eval JSONs, and the gpu_check.log the call tees.
+# and come back packed as $OUT/logs.tgz. $OUT then holds at most 7 files: summary.md, logs.tgz,
+# triton_cache.tgz, the two bench_eval JSONs, profile_eval.json and the gpu_check.log the call tees.
 LOGS=$(mktemp -d /tmp/gpu_check_logs.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -124,6 +124,12 @@ if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   want bench-eval-nf4 && step bench-eval-nf4 150 python benchmarks/bench_eval.py --device cuda --arch zephyr-7b --load-in-4bit --n 500 --no-fused --json "$OUT/bench_eval_nf4.json"
 fi
 want bench-rmu-mse-cv && step bench-rmu-mse-cv 40 python benchmarks/bench_rmu_mse_table.py --device cuda --target cv --shapes "4,768,4096"
+# session 6: the rmu_mse launch-config sweep (WMDP_FAST_RMU_MSE_CONFIG; a "decide" line per
+# shape class) and the eval engine's per-phase profile (issue 4: where the time goes)
+want bench-rmu-mse-tune && step bench-rmu-mse-tune 120 python benchmarks/bench_rmu_mse_tune.py
+if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
+  want profile-eval && step profile-eval 100 python benchmarks/profile_eval.py --device cuda --json "$OUT/profile_eval.json"
+fi
 if [ "${GPU_CHECK_ONLY:-}" != kernels ]; then
   # end to end at the published 150 steps, with and without the layer-first cache; --no-ab:
   # bench-rmu has the per-step A/B rows (writes a random Zephyr-7B to local disk: minutes;
@@ -136,8 +142,8 @@ echo "## gpu_check $(date -u +%F) on $(nvidia-smi --query-gpu=name --format=csv,
 echo "| step           | status | time |"
 echo "|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
-for f in "$LOGS"/bench-*.log; do
+for f in "$LOGS"/bench-*.log "$LOGS"/profile-*.log; do
   [ -f "$f" ] || continue
-  echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|speed-up|ratio|x faster|GB/s|fused-ff vs|bitwise|error|ERROR' "$f" | head -60
+  echo; echo "### $(basename "$f" .log)"; grep -E '^\||speedup|speed-up|ratio|x faster|GB/s|fused-ff vs|bitwise|decide|error|ERROR' "$f" | head -60
 done
 exit $FAILED

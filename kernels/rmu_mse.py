@@ -28,8 +28,9 @@ order) and puts the counter back to 0 for the next launch. See `_last_program_fi
 this is correct on the GPU and `_ticket_counter` for the counter's rules (one stream at a time).
 
 Opt-in launch configs (WMDP_FAST_RMU_MSE_CONFIG, read at every call; unset = the launches
-above): positions per program, block size, warps, programmatic dependent launch of the finish
-kernel, grid of the backward's rescale (`launch_config`). They exist so that
+above, with the backward's rescale on 2 programs per SM, measured best on an H200): positions
+per program, block size, warps, programmatic dependent launch of the finish kernel, grid of the
+backward's rescale (`launch_config`). They exist so that
 benchmarks/bench_rmu_mse_tune.py can pick the defaults per shape class on a GPU; every config
 gives the default's gradient bits and a deterministic loss.
 
@@ -631,7 +632,8 @@ def launch_config(D: int) -> tuple[int, int, int, bool]:
     [rows, BLOCK_D] tile), pdl=1 (the finish kernel is launched with programmatic dependent
     launch, so its launch overlaps stage 1's tail; sm_90+, compiled GPU only); and for the
     backward's `rescale_`, rprogs=N (a grid of at most N programs looping over the blocks;
-    0, the default: one program per block). Every setting
+    0: one program per block; unset: 2 per SM on a GPU, `_default_rescale_programs`). Every
+    setting
     gives the same gradient bits and a deterministic loss (one partial per position, summed in
     the same order); only the per-position sums' internal order may differ."""
     block, warps = block_settings(D)
@@ -875,6 +877,25 @@ def loss_forward(fterm: _Term, rterm: _Term):
     return out, fterm.grad, rterm.grad
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _default_rescale_programs(device: torch.device) -> int:
+    """The backward's rescale grid on a GPU: 2 programs per SM looping over the blocks. It is a
+    no-op when grad_output is 1 (every training step), and launching one program per block
+    (3,072 at [4, 768, 4096]) cost more than the op's memory time: on an H200 (session 6,
+    benchmarks/bench_rmu_mse_tune.py, forward + backward) 2 per SM made rmu_mse 1.04-1.10x
+    faster, (4, 768, 4096) from 76% to 81% of copy bandwidth and (8, 2048, 8192) from 88% to
+    97%, with the same gradient bits. Interpreted: 0 (one program per block)."""
+    if INTERPRETED or device.type != "cuda":
+        return 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNTS.get(idx)
+    if n is None:
+        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * n
+
+
 def rescale_(grads: list, grad_output: torch.Tensor) -> None:
     """grads[i] *= grad_output in place, in one launch, skipped on the device when grad_output
     is 1 (no host sync, no memory traffic)."""
@@ -885,7 +906,8 @@ def rescale_(grads: list, grad_output: torch.Tensor) -> None:
     gb = grads[1] if len(grads) > 1 else ga  # ga again as a placeholder, 0 elements taken
     na, nb = ga.numel(), (gb.numel() if len(grads) > 1 else 0)
     ba, bb = _cdiv(na, RESCALE_BLOCK), _cdiv(nb, RESCALE_BLOCK)
-    progs = _env_config().get("rprogs", 0)
+    cfg = _env_config()
+    progs = cfg["rprogs"] if "rprogs" in cfg else _default_rescale_programs(ga.device)
     extra = {"GRID_STRIDE": True} if 0 < progs < ba + bb else {}
     with _launch_ctx():
         _rescale_kernel[(progs if extra else ba + bb,)](

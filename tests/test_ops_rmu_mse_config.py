@@ -231,3 +231,37 @@ def test_configs_on_gpu_match_default(monkeypatch, shape):
             assert torch.equal(a[1], base[1]) and torch.equal(a[2], base[2]), (config, ff)
             assert all(torch.equal(x, y) for x, y in zip(a, b)), (config, ff)
             torch.testing.assert_close(a[0], base[0], rtol=1e-6, atol=0)
+
+
+def test_default_rescale_grid_is_two_programs_per_sm(monkeypatch):
+    """The backward's rescale defaults to 2 programs per SM on a compiled GPU (measured best on
+    an H200: the same launch as WMDP_FAST_RMU_MSE_CONFIG=rprogs=264 there); interpreted or on
+    the CPU, one program per block (0); an explicit rprogs still wins."""
+    from types import SimpleNamespace
+
+    from wmdp_fast import kernels
+
+    K = kernels.load("rmu_mse")
+    monkeypatch.setattr(K, "INTERPRETED", False)
+    monkeypatch.setattr(K, "_SM_COUNTS", {})
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132)
+    )
+    assert K._default_rescale_programs(torch.device("cuda", 0)) == 264
+    assert K._default_rescale_programs(torch.device("cpu")) == 0
+    monkeypatch.setattr(K, "INTERPRETED", True)
+    assert K._default_rescale_programs(torch.device("cuda", 0)) == 0
+    seen = []
+
+    class Grid:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return lambda *a, **kw: seen.append(kw.get("GRID_STRIDE", False))
+
+    monkeypatch.setattr(K, "_rescale_kernel", Grid())
+    monkeypatch.setattr(K, "_default_rescale_programs", lambda dev: 4)
+    g = [torch.zeros(10 * K.RESCALE_BLOCK)]
+    K.rescale_(g, torch.ones(()))
+    monkeypatch.setenv(K.CONFIG_ENV, "rprogs=0")
+    K.rescale_(g, torch.ones(()))
+    assert seen == [(4,), True, (10,), False]

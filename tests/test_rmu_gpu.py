@@ -93,21 +93,26 @@ def test_cuda_parity_float32(tmp_path, tiny, cache_device):
 
 
 def test_cuda_bf16_loss_curve_close_to_published(tmp_path, tiny):
-    """bf16 (the published precision): loss curves agree to bf16 accuracy with float32's.
-    Both use one control vector file: on CUDA, torch.rand draws other numbers in bf16 than in
-    float32 from one seed (the drawn vectors made the forget losses differ by 28% on an H200;
-    the same test on the CPU with one vector: 0.8%)."""
+    """bf16 (the published precision) on CUDA: the engine's loss curve follows the published
+    loop's, run in bf16 on the same GPU with the same control vector. (It used to be compared
+    with the engine's own float32 run: on an H200 the forget losses differed by 28%, also with
+    one control vector for both, while bf16 and float32 agree to 0.8% on the CPU; the padding
+    positions, which the published MSE counts, take other attention kernels in bf16 on CUDA.
+    The published loop runs the same kernels.)"""
     model_dir, corpus = tiny
     cv = tmp_path / "cv.safetensors"
-    control_vectors_file(cv, 1, 64, [20.0])
+    cvs = control_vectors_file(cv, 1, 64, [20.0])
     kw = dict(K=1, max_num_batches=4, device="cuda", control_vectors=str(cv))
     cfg = tiny_cfg(tmp_path, model_dir, corpus, dtype="bfloat16", **kw)
     res = run_rmu(cfg, progress=False)
-    cfg32 = tiny_cfg(tmp_path / "b", model_dir, corpus, **kw)
-    ref = run_rmu(cfg32, progress=False)
-    a = torch.tensor([r["forget_loss"] for r in res.report["losses"]])
-    b = torch.tensor([r["forget_loss"] for r in ref.report["losses"]])
-    torch.testing.assert_close(a, b, rtol=3e-2, atol=0)
+    _, ref = published_rmu(model_dir, cfg, cvs, device="cuda", dtype=torch.bfloat16)
+    # the retain term is a small difference of large bf16 numbers (the published loop rounds
+    # the MSE itself to bf16): 3.6% apart at step 3 on the CPU; the forget term and the total
+    # agree to 0.4% there
+    for i, key in ((0, "loss"), (1, "forget_loss")):
+        a = torch.tensor([r[key] for r in res.report["losses"]])
+        b = torch.tensor([r[i] for r in ref])
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=0, msg=key)
 
 
 def test_cuda_4bit_prefix(tmp_path, tiny):
@@ -173,6 +178,12 @@ def test_offload_keeps_one_batch_of_layer_kwargs_on_the_gpu(tiny):
     def probe(module, args, kwargs):
         seen.append(torch.cuda.memory_allocated(dev))
 
+    # cuBLAS takes its workspace (32 MiB on an H200) from the caching allocator at the first
+    # matmul on a stream: counted in memory_allocated, so it is allocated before the baseline
+    x = torch.ones(4, 64, device=dev)
+    torch.nn.functional.linear(x, torch.ones(64, 64, device=dev))
+    x @ torch.ones(64, 8, device=dev)
+    del x
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated(dev)
     h = model.model.layers[0].register_forward_pre_hook(probe, with_kwargs=True)
@@ -202,6 +213,9 @@ def test_offload_keeps_one_batch_of_layer_kwargs_on_the_gpu(tiny):
     # forwards stop at layer 0's pre-hook too and are probed first)
     streaming = seen[-len(batches) :]
     assert kw_total > 4 * (layer_bytes + 2 * per_batch)  # else the test could not tell
+    # nothing accumulates over the batches (before capture_layer_inputs ran under no_grad, the
+    # streamed layers' autograd graphs kept +5.6 MB per batch here on an H200)
+    assert max(streaming) - streaming[0] < per_batch, (streaming[0], max(streaming))
     assert max(streaming) - base < layer_bytes + 2 * per_batch + (1 << 20), (
         max(streaming) - base,
         kw_total,

@@ -125,15 +125,21 @@ def _masked_mse(h, target, mask):
 
 
 def published_rmu(
-    model_dir, cfg: RMUConfig, control_vecs, mask_padding: bool = False, device: str = "cpu"
+    model_dir,
+    cfg: RMUConfig,
+    control_vecs,
+    mask_padding: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ):
     """The published loop; returns ({param name: tensor}, [(loss, forget, retain)]).
-    With mask_padding, the MSEs leave padding out (not the published objective)."""
+    With mask_padding, the MSEs leave padding out (not the published objective). `dtype`: the
+    models' and control vectors' (the published script ran in bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    updated = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    control_vecs = [c.to(device) for c in control_vecs]
+    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    updated = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    control_vecs = [c.to(device, dtype) for c in control_vecs]
     tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
     tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"

@@ -193,3 +193,22 @@ def test_eval_fused_ab_failure_keeps_the_main_comparison(monkeypatch, capsys, tm
 
     saved = json.loads(out_json.read_text())
     assert saved["questions"] == 6 and saved["fused_layers_error"].startswith("RuntimeError")
+
+
+@pytest.mark.slow
+def test_profile_eval_runs(tmp_path):
+    """benchmarks/profile_eval.py (gpu_check.sh's profile-eval step) on the CPU with the tiny
+    model: every phase runs, the engine scores every real token, and the engine's batch plan
+    never pads more than the old fill-to-budget rule."""
+    import json
+
+    import profile_eval
+
+    out = tmp_path / "p.json"
+    argv = ["--n", "8", "--budgets", "512", "--no-lm-eval-tok", "--json", str(out)]
+    assert profile_eval.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["engine"]["real_tokens"] == r["real_tokens"] > 0
+    assert r["padding_table"]
+    for v in r["padding_table"].values():
+        assert v["plan"]["padding_pct"] <= v["fill"]["padding_pct"]

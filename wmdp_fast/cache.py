@@ -124,10 +124,10 @@ def _h() -> hashlib._Hash:
 
 
 def _word_sum(t: torch.Tensor) -> int:
-    """Sum of the tensor's bytes read as the widest aligned integer words, modulo 2^64: any
-    change of one element changes it (only changes that cancel exactly do not). One pass at
-    memory speed: for 8-byte words, ~40x faster than the float64 sum + 2-norm it replaced
-    (0.015 vs 1.2 s for a 4096 x 14336 bf16 matrix on one CPU core)."""
+    """Sum of the tensor's bytes read as integer words (the widest of 8/4/2/1 bytes that divides
+    its size), modulo 2^64: any change of one element changes it (only changes that cancel
+    exactly do not). One pass at memory speed: for 8-byte words ~80x faster than the float64
+    sum + 2-norm it replaced (0.015 vs 1.2 s for a 4096 x 14336 bf16 matrix on one CPU core)."""
     b = t.reshape(-1).contiguous().view(torch.uint8)
     if b.data_ptr() % 8:  # the word size must not depend on where the tensor sits
         b = b.clone()  # fresh allocations are aligned
@@ -143,8 +143,9 @@ def tensor_fingerprint(t: torch.Tensor, full_limit: int = 1 << 22) -> str:
     """A hash of a tensor: all bytes when it has at most `full_limit` elements; otherwise its
     shape, dtype, a 64-bit sum of all its bytes as integer words (every element counts) and a
     strided sample of 65,536 elements (which also catches permutations). Hashing gigabytes of
-    weights with sha256 on every run would cost seconds; the float64 sum and 2-norm used before
-    cost ~8 s for Zephyr-7B's layers 0..7 on the H200 host (session 6), the word sum ~0.5 s."""
+    weights with sha256 on every run would cost seconds. The float64 sum and 2-norm used before
+    sat where run_rmu lost ~8 s outside its timed phases for Zephyr-7B on an H200 host
+    (session 6); the word sum is ~80x cheaper per byte (not yet re-measured there)."""
     h = _h()
     t = t.detach()
     h.update(f"{tuple(t.shape)}|{t.dtype}".encode())

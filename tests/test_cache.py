@@ -320,3 +320,21 @@ def test_tensor_fingerprint_sees_every_element_of_a_large_tensor(dtype):
     v = t.clone()
     v[[5, 6]] = v[[6, 5]]  # neighbours swapped: sum of bytes unchanged only for equal values
     assert tensor_fingerprint(v, full_limit=1000) != ref
+
+
+def test_word_sum_of_a_view_into_an_unaligned_buffer():
+    """A tensor at an 8-aligned address whose storage base is not (a view into a buffer from
+    torch.frombuffer or a mmapped file at an odd offset): its storage offset is not a multiple
+    of 8 bytes, which view(int64) refuses; the fingerprint is that of the same values copied."""
+    from wmdp_fast.cache import _word_sum, tensor_fingerprint
+
+    vals = torch.randn(4099, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    buf = bytearray(2 * 4099 + 16)
+    base = torch.frombuffer(memoryview(buf)[2:], dtype=torch.bfloat16)  # base misaligned by 2
+    for k in range(4):  # one of these storage offsets gives an 8-aligned address
+        view = base[k : k + 4096]
+        view.copy_(vals[:4096])
+        want = vals[:4096].clone()
+        assert _word_sum(view) == _word_sum(want), k
+        assert tensor_fingerprint(view, full_limit=100) == tensor_fingerprint(want, full_limit=100)
+    assert any(base[k:].data_ptr() % 8 == 0 and k % 4 for k in range(4))

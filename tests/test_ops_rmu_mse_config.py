@@ -215,14 +215,20 @@ def test_configs_on_gpu_match_default(monkeypatch, shape):
     fmask = (torch.rand(B, T, generator=torch.Generator().manual_seed(4)) > 0.3).cuda()
     go = torch.tensor(0.5, device="cuda")
 
-    def run():
+    def run(g=go):
         xf, xr = hf.clone().requires_grad_(True), hr.clone().requires_grad_(True)
         total, f, r = ops.rmu_loss(xf, cv, xr, tr, 7.0, forget_mask=fmask)
-        total.backward(go)
+        total.backward(g)
         return torch.stack([total.detach(), f, r]), xf.grad, xr.grad
 
+    # the base is the kernels before the configs existed, the rescale one program per block:
+    # since the default rescale loops on 2 programs per SM, an unset variable is a config too
+    monkeypatch.setenv(CONFIG_ENV, "rprogs=0")
     base = run()
-    configs = ["rows=2", "rows=4,warps=8", "block=4096,warps=8", "pdl=1", "rprogs=264"]
+    # grad_output 0.5 scales exactly: every block of both gradients was rescaled, once
+    unscaled = run(torch.tensor(1.0, device="cuda"))
+    assert torch.equal(base[1], unscaled[1] * 0.5) and torch.equal(base[2], unscaled[2] * 0.5)
+    configs = ["", "rows=2", "rows=4,warps=8", "block=4096,warps=8", "pdl=1", "rprogs=264"]
     for config in [*configs, "rows=2,pdl=1,rprogs=264"]:
         for ff in ("0", "1"):
             monkeypatch.setenv(CONFIG_ENV, config)

@@ -436,6 +436,26 @@ def test_resume_of_a_checkpoint_without_inputs_fingerprint_says_so(tmp_path, tin
         run_rmu(cfg, progress=False)
 
 
+def test_resume_of_a_checkpoint_from_before_the_word_sum_fingerprint_says_so(tmp_path, tiny):
+    """Checkpoints written before the weights' fingerprint became a word sum carry no
+    weights_fingerprint key: where their inputs fingerprint differs (every model with a tensor
+    above cache.tensor_fingerprint's full_limit) the error says so instead of blaming the
+    weights or data; where it matches (small tensors are hashed whole either way) they resume."""
+    model_dir, corpus = tiny
+    cfg = tiny_cfg(tmp_path, model_dir, corpus, max_num_batches=4, checkpoint_every=1)
+    with pytest.raises(TrainingError):
+        run_rmu(cfg, progress=False, step_callback=_Interrupt(0, KeyboardInterrupt))
+    state_file = tmp_path / ".out.rmu-checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("weights_fingerprint") == "word-sum"
+    state_file.write_text(json.dumps(dict(state, inputs_fingerprint="0" * 64)))
+    cfg.resume = True
+    with pytest.raises(ConfigError, match="older wmdp_fast that fingerprinted large weight"):
+        run_rmu(cfg, progress=False)
+    state_file.write_text(json.dumps(state))  # the old key-less form, same fingerprint
+    assert run_rmu(cfg, progress=False).report["resumed_from_step"] == 1
+
+
 def test_cache_key_does_not_depend_on_layer_id(tmp_path, tiny):
     """The inputs of layer min(layer_ids) do not depend on --layer_id: with the model loaded
     up to layer_id only, runs with another --layer_id still hit the disk cache."""

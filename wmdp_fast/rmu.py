@@ -49,6 +49,9 @@ log = logging.getLogger("wmdp_fast")
 FORGET_MAX_LENGTH_TOPIC0 = 512
 FORGET_MAX_LENGTH_OTHER = 768
 RETAIN_MAX_LENGTH = 512
+# how cache.tensor_fingerprint summarises tensors above its full_limit, recorded in checkpoints:
+# one written before the word sum (no key) cannot match a large model's inputs fingerprint
+WEIGHTS_FINGERPRINT = "word-sum"
 
 
 @dataclass
@@ -692,6 +695,7 @@ def _save_checkpoint(
         "steps_done": step,
         "config_fingerprint": fingerprint,
         "inputs_fingerprint": inputs_fp,
+        "weights_fingerprint": WEIGHTS_FINGERPRINT,
         "tensors": name,
         "losses": losses,
         "sha256": h,
@@ -1260,6 +1264,12 @@ def _run(cfg: RMUConfig, progress, step_callback, keep_cache, running: dict) -> 
             "record the model weights and data it trained on; rerun without --resume"
         )
     if resume_state is not None and resume_state[0].get("inputs_fingerprint") != inputs_fp:
+        if resume_state[0].get("weights_fingerprint") != WEIGHTS_FINGERPRINT:
+            raise ConfigError(
+                f"--resume: the checkpoint in {ckpt} was written by an older wmdp_fast that "
+                "fingerprinted large weight tensors differently (a float sum and norm), so it "
+                "cannot tell whether the weights are unchanged; rerun without --resume"
+            )
         raise ConfigError(
             f"--resume: the checkpoint in {ckpt} was written for other model weights, tokenizer "
             f"or data than {cfg.model_name_or_path} and the corpora hold now; restore them, or "

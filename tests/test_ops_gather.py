@@ -321,10 +321,12 @@ def test_cuda_bad_values_raise_the_cpu_error(variant, monkeypatch):
 @pytest.mark.gpu
 def test_cuda_choice_ids_out_of_range_name_choice_ids():
     """choice_logprobs on CUDA leaves the id range to the kernels (no sync before the launch)
-    and still raises its own ConfigError, the CPU message."""
+    and still raises its own ConfigError, the CPU message, also before a scored row's NaN (the
+    CPU checks the ids first; on CUDA the argument flags outrank the bad-row flag)."""
     from wmdp_fast.errors import ConfigError
 
     L = torch.randn(4, 100)
+    L[1, 5] = float("nan")
     for ids in (torch.tensor([3, 9, 100, 99]), torch.tensor([[1, -7]] * 4)):
         with pytest.raises(ConfigError) as cpu:
             ops.choice_logprobs(L, ids)

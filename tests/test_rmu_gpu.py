@@ -96,9 +96,9 @@ def test_cuda_bf16_loss_curve_close_to_published(tmp_path, tiny):
     """bf16 (the published precision) on CUDA: the engine's loss curve follows the published
     loop's, run in bf16 on the same GPU with the same control vector. (It used to be compared
     with the engine's own float32 run: on an H200 the forget losses differed by 28%, also with
-    one control vector for both, while bf16 and float32 agree to 0.8% on the CPU; the padding
-    positions, which the published MSE counts, take other attention kernels in bf16 on CUDA.
-    The published loop runs the same kernels.)"""
+    one control vector for both, while bf16 and float32 agree to 0.8% on the CPU. Unexplained;
+    a guess, not checked: the padding positions, which the published MSE counts, take other
+    attention kernels in bf16 on CUDA. The published loop runs the same kernels either way.)"""
     model_dir, corpus = tiny
     cv = tmp_path / "cv.safetensors"
     cvs = control_vectors_file(cv, 1, 64, [20.0])

@@ -116,6 +116,22 @@ def _restore_language_attrs(saved: list) -> None:
                 setattr(obj, name, value)
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of CUDA `device` (cached per device index): the unit the
+    kernels size their fixed grids in (rmsnorm's weight-gradient partials, rmu_mse's rescale)."""
+    import torch
+
+    device = torch.device(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
 def load(name: str, interpret: bool = False) -> ModuleType:
     """The kernel module `name`: compiled for the GPU, or (interpret=True) an interpreted copy."""
     _import_triton_compiled()

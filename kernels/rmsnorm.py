@@ -182,7 +182,9 @@ def _dw_programs(n_rows: int, device: torch.device) -> int:
     """How many row blocks the weight gradient is split into (fixed per device and shape, so
     the summation order, and so the bits, are the same on every run)."""
     if device.type == "cuda":
-        n = torch.cuda.get_device_properties(device).multi_processor_count * 2
+        from wmdp_fast.kernels import sm_count
+
+        n = sm_count(device) * 2
     else:
         n = 4  # interpreter: few partials
     return max(1, min(n_rows, n))

@@ -877,9 +877,6 @@ def loss_forward(fterm: _Term, rterm: _Term):
     return out, fterm.grad, rterm.grad
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
 def _default_rescale_programs(device: torch.device) -> int:
     """The backward's rescale grid on a GPU: 2 programs per SM looping over the blocks. It is a
     no-op when grad_output is 1 (every training step), and launching one program per block
@@ -889,11 +886,9 @@ def _default_rescale_programs(device: torch.device) -> int:
     97%, with the same gradient bits. Interpreted: 0 (one program per block)."""
     if INTERPRETED or device.type != "cuda":
         return 0
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNTS.get(idx)
-    if n is None:
-        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * n
+    from wmdp_fast.kernels import sm_count
+
+    return 2 * sm_count(device)
 
 
 def rescale_(grads: list, grad_output: torch.Tensor) -> None:

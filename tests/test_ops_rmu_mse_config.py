@@ -249,7 +249,7 @@ def test_default_rescale_grid_is_two_programs_per_sm(monkeypatch):
 
     K = kernels.load("rmu_mse")
     monkeypatch.setattr(K, "INTERPRETED", False)
-    monkeypatch.setattr(K, "_SM_COUNTS", {})
+    monkeypatch.setattr(kernels, "_sm_counts", {})
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132)
     )

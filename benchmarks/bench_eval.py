@@ -123,6 +123,19 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def setup(args) -> tuple[bool, str, int, torch.dtype]:
+    """(cuda, arch, n, dtype) from --device/--arch/--n/--threads, with the defaults that
+    profile_eval.py shares (its numbers are about this benchmark's model and prompts). Sets the
+    torch thread count: one by default on the CPU, where OpenMP barriers of preempted threads
+    on a shared machine make timings swing 30x between runs."""
+    cuda = args.device.startswith("cuda")
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    arch = args.arch or ("zephyr-7b" if cuda else "tiny")
+    n = args.n or (1500 if cuda else 96)
+    return cuda, arch, n, torch.bfloat16 if cuda else torch.float32
+
+
 def load_bench_tokenizer(path: str | None):
     """The Mistral/Zephyr tokenizer: --tokenizer DIR, else $WMDP_FAST_TOKENIZER_DIR, else built
     from mistral_common, else the saved copy ($WMDP_FAST_MISTRAL_TOKENIZER's folder or .gpu/tok;
@@ -211,14 +224,7 @@ def main(argv=None) -> int:
     from wmdp_fast.data import MCQTask
     from wmdp_fast.evaluate import evaluate
 
-    cuda = args.device.startswith("cuda")
-    if args.threads or not cuda:
-        # one thread by default: on a shared CPU, OpenMP barriers of preempted threads make
-        # timings swing 30x between runs
-        torch.set_num_threads(args.threads or 1)
-    arch = args.arch or ("zephyr-7b" if cuda else "tiny")
-    n = args.n or (1500 if cuda else 96)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, arch, n, dtype = setup(args)
     if args.load_in_4bit and not cuda:
         p.error("--load-in-4bit needs --device cuda")
     tok = load_bench_tokenizer(args.tokenizer)

@@ -262,12 +262,7 @@ def main(argv=None) -> int:
     )
     from wmdp_fast.prompts import continuations, get_protocol
 
-    cuda = args.device.startswith("cuda")
-    if args.threads or not cuda:
-        torch.set_num_threads(args.threads or 1)
-    arch = args.arch or ("zephyr-7b" if cuda else "tiny")
-    n = args.n or (1500 if cuda else 96)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, arch, n, dtype = bench_eval.setup(args)
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "arch": arch}
 
     def out(key, value, line=None):
